@@ -1,0 +1,168 @@
+"""Tokenize a corpus into fixed-length sequences and write them as reproducible WebDataset tar shards.
+
+Layout on disk (`output_dir/`):
+
+    shard-000000.tar ...   tar members `<block>.tokens.u16` (or `.tokens.i32`): one block of up to
+                           `sequences_per_sample` rows of `seq_length + 1` little-endian token ids
+    manifest.json          format, seq_length, dtype, tokenizer identity, per-shard counts and sha256;
+                           written last, so its presence means the shards are complete
+
+Why blocks of many sequences per tar member: reading costs ~100 µs per member, so one sequence per member caps
+a reader at ~10k sequences/s/core, while 64-100 per member reads as fast as a memory map (STACK_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline.corpus import expand_inputs, read_documents
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# dtype name in the manifest -> (numpy little-endian dtype, tar member extension)
+DTYPES = {"uint16": ("<u2", "tokens.u16"), "int32": ("<i4", "tokens.i32")}
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise DataError(f"data prepare: {name} must be a positive integer, got {value!r}")
+
+
+def prepare_shards(
+    inputs: list[str],
+    tokenizer_path: str,
+    output_dir: str,
+    seq_length: int,
+    samples_per_shard: int = 2048,
+    sequences_per_sample: int = 64,
+    text_key: str = "text",
+    prefix: str = "shard",
+) -> dict:
+    """Tokenize `inputs` (paths or globs) into WebDataset shards under `output_dir`; return the manifest.
+
+    Each document's ids are followed by the tokenizer's eos id; all documents form one token stream, cut into
+    non-overlapping rows of `seq_length + 1` tokens (inputs and shifted targets); the final partial row is
+    dropped. `sequences_per_sample` consecutive rows form one tar member (a WebDataset "sample"; the last may
+    hold fewer), and `samples_per_shard` members form one shard. The same inputs and tokenizer give
+    byte-identical shards and manifest (fixed tar mtime, no PAX headers, no timestamps in the manifest).
+    """
+    _check_positive(seq_length=seq_length, samples_per_shard=samples_per_shard,
+                    sequences_per_sample=sequences_per_sample)
+    if not prefix or "/" in prefix or "." in prefix:
+        raise DataError(f"data prepare: prefix must be a plain name without '/' or '.', got {prefix!r}")
+    files = expand_inputs(inputs)
+    tok = Tokenizer(tokenizer_path)
+    dtype_name = "uint16" if tok.vocab_size <= 65535 else "int32"
+    np_dtype, ext = DTYPES[dtype_name]
+    row = seq_length + 1
+
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Remove the manifest first (it marks completeness), then shards a previous run left behind: a smaller
+    # rerun would otherwise leave stale shard files next to a manifest that does not list them.
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for stale in sorted(out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+        stale.unlink()
+
+    stats: dict[str, list[int]] = {}  # shard file -> [sequences, blocks], in writing order
+    carry = np.zeros(0, dtype=np.int64)  # tokens not yet filling a whole row
+    pending: list[np.ndarray] = []  # complete rows not yet filling a whole block
+    pending_rows = 0
+    num_docs = num_blocks = text_bytes = dropped_tokens = 0
+    start = time.perf_counter()
+
+    def write_block(rows: np.ndarray) -> None:
+        nonlocal num_blocks
+        # Global block index as the key: unique across shards, and no '.' (webdataset splits keys at dots).
+        writer.write({"__key__": f"{num_blocks:010d}", ext: rows.astype(np_dtype, copy=False).tobytes()})
+        entry = stats.setdefault(os.path.basename(writer.fname), [0, 0])
+        entry[0] += len(rows)
+        entry[1] += 1
+        num_blocks += 1
+
+    # mtime=0 (a TarWriter kwarg ShardWriter forwards): fixed member times and no PAX headers, so the bytes are
+    # reproducible. verbose=0: tqdm reports progress instead of ShardWriter's per-shard prints. maxsize is left
+    # at its 3 GB default as a safety valve; the manifest records whatever split actually happened.
+    # Tokenization runs in this process (~1M tokens/s, BPE). Parallel tokenizer workers feeding this single
+    # ordered writer are a follow-up; the output must stay identical when they land.
+    writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0)
+    try:
+        docs = (doc for path in files for doc in read_documents(path, text_key=text_key))
+        for doc in tqdm(docs, desc="data prepare", unit="doc", mininterval=1.0):
+            num_docs += 1
+            text_bytes += len(doc.encode("utf-8"))
+            ids = np.asarray(tok.encode(doc) + [tok.eos_id], dtype=np.int64)
+            stream = np.concatenate([carry, ids])
+            n = len(stream) // row
+            carry = stream[n * row:]
+            if n:
+                pending.append(stream[: n * row].reshape(n, row))  # [n, seq_length + 1]
+                pending_rows += n
+            if pending_rows >= sequences_per_sample:
+                rows = np.concatenate(pending)
+                full = (len(rows) // sequences_per_sample) * sequences_per_sample
+                for i in range(0, full, sequences_per_sample):
+                    write_block(rows[i: i + sequences_per_sample])
+                pending, pending_rows = [rows[full:]], len(rows) - full
+        if pending_rows:
+            write_block(np.concatenate(pending))  # the one short block, at the very end
+        dropped_tokens = len(carry)
+    finally:
+        writer.close()
+    if num_blocks == 0:
+        for path in out.glob(f"{prefix}-*.tar"):  # ShardWriter opens its first shard eagerly
+            path.unlink()
+        raise DataError(f"data prepare: {len(files)} input file(s) gave {dropped_tokens} tokens, fewer than one "
+                        f"sequence of seq_length+1={row}")
+
+    shards = [
+        {"name": name, "sequences": seqs, "blocks": blocks, "sha256": file_sha256(out / name),
+         "bytes": (out / name).stat().st_size}
+        for name, (seqs, blocks) in stats.items()
+    ]
+    num_sequences = sum(s["sequences"] for s in shards)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "seq_length": seq_length,
+        "dtype": dtype_name,
+        "sequences_per_sample": sequences_per_sample,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "num_documents": num_docs,
+        "num_sequences": num_sequences,
+        "num_tokens": num_sequences * row,  # tokens stored, each row seq_length + 1
+        "dropped_tokens": dropped_tokens,  # the final partial row
+        "shards": shards,
+    }
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST_NAME)  # atomic: readers never see a half-written manifest
+
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    print(f"data prepare: {num_docs} documents, {num_sequences * row} tokens, {num_sequences} sequences of "
+          f"{row} tokens, {len(shards)} shard(s) in {out} ({elapsed:.1f}s, {text_bytes / 1e6 / elapsed:.1f} MB/s "
+          f"of text)", flush=True)
+    return manifest

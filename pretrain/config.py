@@ -1,0 +1,306 @@
+"""Run configuration: one dataclass per section, loaded from YAML, overridden by ``--section.key=value``.
+
+Config is inert typed data. Nothing here builds runtime objects and nothing reads a global config: ``build()``
+functions elsewhere take the section they need. Every field has a docstring-style comment (``#:``) that the README's
+config reference is written from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. The message is one line and names the key."""
+
+
+@dataclass
+class RunConfig:
+    #: Run name; used in logs and metric labels.
+    name: str = "run"
+    #: Run directory: resolved config, metrics.jsonl and checkpoints/ live here. Reusing it resumes the run.
+    dir: str = "runs/default"
+    #: Seed for model init, dropout and data order. Same seed + same data = same run.
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    #: Model family, a key of the ModelSpec registry (pretrain/models): gpt (bert, transformer_xl follow).
+    family: Literal["gpt"] = "gpt"
+    #: Number of transformer layers.
+    num_layers: int = 2
+    #: Hidden size (d_model).
+    hidden_size: int = 64
+    #: Attention heads; must divide hidden_size (and be divisible by parallel.tensor).
+    num_attention_heads: int = 4
+    #: MLP inner size; 0 means 4 * hidden_size.
+    ffn_hidden_size: int = 0
+    #: Training sequence length in tokens; must equal the data manifest's seq_length.
+    seq_length: int = 128
+    #: Vocabulary size; 0 means the tokenizer's (from the data manifest). Padded up for tensor parallelism.
+    vocab_size: int = 0
+    #: Pad the vocabulary to a multiple of this times parallel.tensor (Megatron's rule; keeps GEMMs aligned).
+    make_vocab_size_divisible_by: int = 128
+    #: Position embedding: learned_absolute (GPT-2) or rope.
+    position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
+    #: MLP activation: gelu (erf), gelu_tanh (GPT-2's gelu_new) or swiglu.
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    #: Dropout after attention and MLP.
+    hidden_dropout: float = 0.0
+    #: Dropout on attention probabilities.
+    attention_dropout: float = 0.0
+    #: Std of the normal init of weights (output layers are scaled by 1/sqrt(2 * num_layers)).
+    init_method_std: float = 0.02
+    #: LayerNorm epsilon.
+    layernorm_epsilon: float = 1e-5
+    #: Tie input embedding and output projection (GPT-2 does).
+    tie_embeddings: bool = True
+
+
+@dataclass
+class DataConfig:
+    #: Directory of training shards with manifest.json (written by `pretrain data prepare`).
+    train: str = ""
+    #: Directory of validation shards with manifest.json; empty disables evaluation.
+    valid: str = ""
+    #: sentencepiece model; must match the manifests' tokenizer checksum. Empty skips the check.
+    tokenizer: str = ""
+    #: DataLoader worker processes per rank (0 reads in the training process).
+    num_workers: int = 0
+    #: Shuffle shard and sequence order (seeded by run.seed and the epoch).
+    shuffle: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    #: Tensor-parallel size (megatron-core column/row-parallel layers).
+    tensor: int = 1
+    #: Pipeline-parallel size. Only 1 until the parallelism issue lands; larger values are refused.
+    pipeline: int = 1
+    #: Sequence parallelism on top of tensor parallelism (needs tensor > 1).
+    sequence_parallel: bool = False
+    #: DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    #: Activation checkpointing: none, or full (recompute every layer in backward; megatron-core recompute).
+    activation_checkpointing: Literal["none", "full"] = "none"
+
+
+@dataclass
+class OptimConfig:
+    #: Peak learning rate (AdamW).
+    lr: float = 1e-3
+    #: Final learning rate of the decay.
+    min_lr: float = 1e-4
+    #: Linear warmup steps from 0 to lr.
+    warmup_steps: int = 10
+    #: Decay shape after warmup.
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    #: Steps over which lr decays to min_lr; 0 means train.steps.
+    decay_steps: int = 0
+    #: AdamW decoupled weight decay (not applied to biases and norms).
+    weight_decay: float = 0.1
+    #: AdamW beta1.
+    beta1: float = 0.9
+    #: AdamW beta2.
+    beta2: float = 0.95
+    #: AdamW epsilon.
+    eps: float = 1e-8
+    #: Clip the global gradient norm to this; 0 disables.
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    #: Optimizer steps to train for (the run ends at this step, also when resumed).
+    steps: int = 100
+    #: Sequences per micro batch per data-parallel rank.
+    micro_batch_size: int = 8
+    #: Sequences per optimizer step over all ranks; 0 means micro_batch_size * data-parallel size (no
+    #: accumulation). Must be a multiple of micro_batch_size * data-parallel size; the quotient is the number of
+    #: gradient-accumulation micro steps.
+    global_batch_size: int = 0
+    #: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: Log (console + metrics.jsonl) every N steps.
+    log_every: int = 10
+    #: Evaluate on data.valid every N steps; 0 only at the end.
+    eval_every: int = 0
+    #: Validation micro batches per evaluation; 0 means the whole split.
+    eval_batches: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    #: Checkpoint directory; empty means <run.dir>/checkpoints.
+    dir: str = ""
+    #: Save every N steps (and at the end); 0 saves only at the end.
+    every_steps: int = 100
+    #: Keep the newest N complete checkpoints; 0 keeps all.
+    keep_last: int = 2
+    #: Load this checkpoint directory instead of the newest one in dir (for fine-tuning or forks).
+    load: str = ""
+
+
+@dataclass
+class MetricsConfig:
+    #: Write metrics.jsonl in the run directory.
+    jsonl: bool = True
+    #: Print a line per logged step on rank 0.
+    console: bool = True
+
+
+@dataclass
+class FtConfig:
+    #: On SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit with the requeue code (75).
+    save_on_signal: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run. Section names are a contract (README, configs/, launchers)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ft: FtConfig = field(default_factory=FtConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.dir) / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, overrides, type checks.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check ``value`` against the field type; ints are accepted for floats. Raises ConfigError naming ``key``."""
+    if typing.get_origin(tp) is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _build_section(cls, values: dict[str, Any], prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key '{prefix}.{key}' (allowed: {', '.join(names)})")
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested plain data (as loaded from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, values in raw.items():
+        if name not in hints:
+            raise ConfigError(f"unknown section '{name}' (allowed: {', '.join(hints)})")
+        sections[name] = _build_section(hints[name], values or {}, name)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """``--section.key=value`` → (["section", "key"], value), the value parsed as a YAML scalar."""
+    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+        raise ConfigError(f"bad override {arg!r}: expected --section.key=value")
+    dotted, text = arg[2:].split("=", 1)
+    return dotted.split("."), yaml.safe_load(text) if text != "" else ""
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file, apply ``--section.key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for arg in overrides:
+        keys, value = parse_override(arg)
+        if len(keys) != 2:
+            raise ConfigError(f"bad override {arg!r}: expected exactly --section.key=value")
+        section = raw.setdefault(keys[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{keys[0]}: expected a mapping of keys")
+        section[keys[1]] = value
+    return from_dict(raw)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's config.yaml)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no world size (those live in ParallelDims)."""
+    m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
+                       ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+                       ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.log_every", t.log_every), ("parallel.tensor", p.tensor),
+                       ("parallel.pipeline", p.pipeline)]:
+        _require(value > 0, key, f"must be > 0, got {value}")
+    for key, value in [("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
+                       ("train.global_batch_size", t.global_batch_size), ("train.eval_every", t.eval_every),
+                       ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
+                       ("optim.decay_steps", o.decay_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("data.num_workers", cfg.data.num_workers)]:
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
+             f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
+    for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
+        _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _require(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
+    _require(p.pipeline == 1, "parallel.pipeline",
+             f"pipeline parallelism is not available yet (got {p.pipeline}); use 1")
+    _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+    _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
+

@@ -1,0 +1,179 @@
+"""The one place that knows CPU from CUDA.
+
+Production runs on CUDA + NCCL; tests, CI and the demo run the *same* code on CPU + gloo. megatron-core and
+DeepSpeed are GPU-first and reach for CUDA in a few places that have nothing to do with the math. Each such place
+gets a :class:`Shim` below, listed with the library function it replaces and why. Shims are applied only when
+CUDA is absent, and each one is covered by a test (tests/unit/test_device_shims.py) that fails without it.
+
+Nothing here changes numerics: every shim swaps *where* a buffer or an RNG state lives, never what is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What this process trains on: torch device, process-group backend and compute dtype."""
+
+    device: torch.device
+    backend: str  # "nccl" on CUDA, "gloo" on CPU
+    dtype: torch.dtype  # bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and DeepSpeed has no CPU fp16)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def detect(local_rank: int = 0, precision: str = "auto") -> DeviceInfo:
+    """Pick device, backend and dtype for this process.
+
+    ``precision`` is ``train.precision``: ``auto`` means bf16 on CUDA and fp32 on CPU; ``fp32``/``bf16`` force it.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+        default = torch.bfloat16
+    else:
+        device, backend, default = torch.device("cpu"), "gloo", torch.float32
+    dtype = {"auto": default, "fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return DeviceInfo(device=device, backend=backend, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shims. Each `install()` patches one thing and returns a function that undoes it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shim:
+    """One CPU stand-in for a CUDA-only call in a GPU-first library."""
+
+    name: str
+    replaces: str  # the dotted name of what is replaced
+    why: str
+    install: Callable[[], Callable[[], None]]
+
+
+def _patch(obj, attr: str, value) -> Callable[[], None]:
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    return lambda: setattr(obj, attr, old)
+
+
+def _install_current_device() -> Callable[[], None]:
+    # mcore allocates communication buffers with `device=torch.cuda.current_device()` (tensor-parallel gathers and
+    # reduce-scatters in tensor_parallel/mappings.py, GlobalMemoryBuffer in utils.py). On CPU torch that call
+    # raises; "cpu" is the device those buffers belong on.
+    return _patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """mcore's RNG tracker with the CPU generator standing in for the CUDA one.
+
+        Tensor-parallel dropout must draw different masks on each TP rank (and identical ones across DP), so mcore
+        keeps named generator states and swaps them in with ``fork()``. On CPU the generator that dropout uses is
+        the default CPU generator, so that is the one whose state is swapped.
+        """
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state, outer_name = torch.get_rng_state(), self._current_state_name
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CpuRNGStatesTracker
+
+
+def _install_rng_tracker() -> Callable[[], None]:
+    # `model_parallel_cuda_manual_seed` creates `CudaRNGStatesTracker`, whose add()/fork() call
+    # torch.cuda.get_rng_state/manual_seed. Every attention layer enters fork() (even with dropout 0), so no model
+    # runs without this. Replacing the class (looked up by name at tracker creation) keeps mcore's own seeding.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    undo = _patch(mcore_random, "CudaRNGStatesTracker", _cpu_rng_tracker_class())
+    mcore_random.initialize_rng_tracker(force_reset=True)  # drop a CUDA tracker created before the shim
+
+    def _undo():
+        undo()
+        mcore_random.initialize_rng_tracker(force_reset=True)
+
+    return _undo
+
+
+def _install_recompute_rng() -> Callable[[], None]:
+    # Activation recomputation (tensor_parallel.random.CheckpointFunction) saves and restores "the CUDA RNG
+    # state" around the recomputed forward so dropout masks repeat; on CPU that state is the CPU generator's.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    undo_get = _patch(mcore_random, "_get_cuda_rng_state", lambda *a, clone=False, **k: torch.get_rng_state())
+    undo_set = _patch(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    return lambda: (undo_get(), undo_set())
+
+
+def _install_deepspeed_shm_op() -> Callable[[], None]:
+    # deepspeed.comm.torch.build_shm_op JIT-compiles a shared-memory all-reduce for the CPU accelerator on every
+    # init_distributed (~2 min on 2 cores, and its inference_all_reduce can segfault). We all-reduce with gloo.
+    # `import deepspeed.comm.torch as m` would bind deepspeed.comm's attribute `torch` (the torch package).
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    return _patch(ds_comm_torch, "build_shm_op", lambda: None)
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim("current_device", "torch.cuda.current_device (called by megatron.core.tensor_parallel.mappings, utils)",
+         "mcore allocates TP communication buffers on torch.cuda.current_device()", _install_current_device),
+    Shim("rng_tracker", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
+         "the model-parallel RNG tracker reads and seeds CUDA generator states", _install_rng_tracker),
+    Shim("recompute_rng", "megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state",
+         "activation recomputation saves/restores the CUDA RNG state", _install_recompute_rng),
+    Shim("deepspeed_shm_op", "deepspeed.comm.torch.build_shm_op",
+         "DeepSpeed JIT-builds a CPU shared-memory comm op on every init (~2 min, can segfault)",
+         _install_deepspeed_shm_op),
+)
+
+_installed: dict[str, Callable[[], None]] = {}
+
+
+def apply_cpu_shims(exclude: tuple[str, ...] = ()) -> list[str]:
+    """Install every shim not in ``exclude``; no-op when CUDA is available. Idempotent. Returns installed names."""
+    if torch.cuda.is_available():
+        return []
+    # DeepSpeed picks its accelerator at import; without this it probes for CUDA and warns on every rank.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for shim in SHIMS:
+        if shim.name not in exclude and shim.name not in _installed:
+            _installed[shim.name] = shim.install()
+    return sorted(_installed)
+
+
+def remove_cpu_shims(names: tuple[str, ...] | None = None) -> None:
+    """Undo installed shims (all when ``names`` is None). Used by the tests that prove each shim is needed."""
+    for name in list(_installed) if names is None else names:
+        _installed.pop(name)()

@@ -1,0 +1,15 @@
+"""Metric names, in one place. The JSONL keys below are a contract (README, run directory, dashboards)."""
+
+STEP = "step"
+LOSS = "loss"
+LR = "lr"
+GRAD_NORM = "grad_norm"
+TOKENS_PER_S = "tokens_per_s"
+STEP_TIME_S = "step_time_s"
+TOKENS_TOTAL = "tokens_total"
+VAL_LOSS = "val_loss"
+VAL_PPL = "val_ppl"
+TFLOPS = "tflops_per_device"
+
+#: Keys every logged training step carries.
+REQUIRED = (STEP, LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S)

@@ -1,0 +1,130 @@
+"""GPT: megatron-core's GPTModel (local layer spec on CPU, Transformer Engine spec when importable on CUDA)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.models import ModelSpec, register
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "swiglu": F.silu,  # gated: megatron-core applies silu(x1) * x2 when gated_linear_unit=True
+}
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> TransformerConfig:
+    """The megatron-core TransformerConfig for our model section.
+
+    Fusions that need Transformer Engine or Apex stay off; megatron-core enables the ones available on CUDA
+    through the layer spec instead.
+    """
+    on_cuda = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        activation_func=_ACTIVATIONS[cfg.activation],
+        gated_linear_unit=cfg.activation == "swiglu",
+        add_bias_linear=True,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_cuda,
+        # Fused kernels below exist only on CUDA (Apex / TE / triton); the unfused paths compute the same math.
+        bias_activation_fusion=on_cuda and cfg.activation == "gelu",
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=on_cuda,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        recompute_granularity="full" if parallel.activation_checkpointing == "full" else None,
+        recompute_method="uniform" if parallel.activation_checkpointing == "full" else None,
+        recompute_num_layers=1 if parallel.activation_checkpointing == "full" else None,
+    )
+
+
+def layer_spec():
+    """Transformer Engine's fused layer spec on CUDA when installed, else megatron-core's local (pure torch) one."""
+    if torch.cuda.is_available():
+        try:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            return get_gpt_layer_with_transformer_engine_spec()
+        except (ImportError, AssertionError):
+            pass
+    return get_gpt_layer_local_spec()
+
+
+def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_size: int) -> GPTModel:
+    """GPTModel for this rank (whole model while pipeline parallelism is 1)."""
+    return GPTModel(
+        config=transformer_config(cfg, parallel, dtype),
+        transformer_layer_spec=layer_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type=cfg.position_embedding,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
+    # [1, 1, s, s], True where attention is NOT allowed (megatron-core's convention). Passing it explicitly keeps
+    # megatron-core from building its default mask with a hard-coded CUDA device.
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def batch_fn(rows: np.ndarray, device: torch.device) -> dict[str, Any]:
+    """Packed causal-LM batch from reader rows [b, s+1]: predict token t+1 from tokens <= t."""
+    rows = torch.from_numpy(rows).to(device, non_blocking=True)
+    tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # [b, s] each
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # [b, s]
+    return {
+        "inputs": {"input_ids": tokens, "position_ids": position_ids, "attention_mask": _causal_mask(s, device),
+                   "labels": labels},
+        "loss_mask": torch.ones(b, s, dtype=torch.float32, device=device),  # every packed token is a target
+        "num_tokens": b * s,
+    }
+
+
+def loss_fn(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean next-token cross entropy over masked-in tokens. ``output`` is GPTModel's per-token loss [b, s]."""
+    mask = batch["loss_mask"]
+    return (output.float() * mask).sum() / mask.sum()
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), attention scores included (not causal-halved).
+
+    Forward per layer: QKV + output projections 8h^2, MLP 4h*f (6h*f gated), scores and weighted sum 4sh;
+    plus the logits 2hV. With f = 4h this is Megatron-LM's 72*l*h^2*(1 + s/(6h) + V/(12*l*h)).
+    """
+    h, s, l = cfg.hidden_size, cfg.seq_length, cfg.num_layers
+    f = cfg.ffn_hidden_size or 4 * h
+    mlp = (6 if cfg.activation == "swiglu" else 4) * h * f
+    return 3.0 * (l * (8 * h * h + mlp + 4 * s * h) + 2 * h * vocab_size)
+
+
+SPEC = register(ModelSpec(name="gpt", build=build, batch_fn=batch_fn, loss_fn=loss_fn,
+                          flops_per_token=flops_per_token))

@@ -1,0 +1,90 @@
+"""ParallelDims: how the world splits into tensor x pipeline x data parallel groups, checked before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from pretrain.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The layout of one job. ``data`` is derived: world / (tensor * pipeline)."""
+
+    world_size: int
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = field(init=False)
+
+    def __post_init__(self):
+        mp = self.tensor * self.pipeline
+        if self.world_size % mp != 0:
+            raise ConfigError(
+                f"parallel.tensor ({self.tensor}) x parallel.pipeline ({self.pipeline}) = {mp} does not divide "
+                f"the world size {self.world_size}")
+        object.__setattr__(self, "data", self.world_size // mp)
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> "ParallelDims":
+        """Build and check the layout against the model and batch sizes; one-line ConfigError naming the key."""
+        p, m, t = cfg.parallel, cfg.model, cfg.train
+        dims = cls(world_size=world_size, tensor=p.tensor, pipeline=p.pipeline)
+        ffn = m.ffn_hidden_size or 4 * m.hidden_size
+        for key, value in [("model.num_attention_heads", m.num_attention_heads), ("model.ffn_hidden_size", ffn)]:
+            if value % p.tensor:
+                raise ConfigError(f"{key} ({value}) is not divisible by parallel.tensor ({p.tensor})")
+        if p.sequence_parallel and m.seq_length % p.tensor:
+            raise ConfigError(f"model.seq_length ({m.seq_length}) is not divisible by parallel.tensor ({p.tensor}) "
+                              "as sequence parallelism needs")
+        dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)  # validates the batch sizes
+        return dims
+
+    def grad_accumulation_steps(self, micro_batch_size: int, global_batch_size: int) -> int:
+        """Micro steps per optimizer step: global = micro x accumulation x data-parallel size."""
+        per_step = micro_batch_size * self.data
+        if global_batch_size == 0:
+            return 1
+        if global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({global_batch_size}) is not divisible by train.micro_batch_size "
+                f"({micro_batch_size}) x data-parallel size ({self.data}) = {per_step}")
+        return global_batch_size // per_step
+
+
+def init_process_groups(dims: ParallelDims, seed: int) -> None:
+    """megatron-core's TP/PP/DP groups on the default process group, then its per-TP-rank RNG streams."""
+    assert dist.is_initialized() and dist.get_world_size() == dims.world_size
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tensor,
+                                             pipeline_model_parallel_size=dims.pipeline)
+    # Same seed on every rank for init of replicated weights; megatron-core offsets the TP stream per TP rank.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+class DeepSpeedMpu:
+    """The ``mpu`` object DeepSpeed asks for, answered from megatron-core's parallel_state.
+
+    DeepSpeed's "model parallel" group is every rank holding a different piece of one model replica (TP x PP);
+    it uses it for TP-aware gradient norms and for checkpoint file names (mp_rank_XX).
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())

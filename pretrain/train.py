@@ -1,0 +1,134 @@
+"""``pretrain train``: config → process groups → components → ``Trainer.fit()``. The file to read first.
+
+Works unchanged as a single process, under ``torchrun --nproc_per_node=N`` and under ``srun`` (the launchers
+export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from pretrain import device as device_layer
+from pretrain import models
+from pretrain.config import Config, ConfigError, dump
+from pretrain.parallel import ParallelDims, init_process_groups
+
+
+def main(cfg: Config) -> int:
+    """Run training to ``cfg.train.steps``; returns the process exit code (see pretrain.ft)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_config(cfg, world_size)  # bad layouts fail here, before any process group exists
+    device = device_layer.detect(int(os.environ.get("LOCAL_RANK", "0")), cfg.train.precision)
+    device_layer.apply_cpu_shims()
+    init_distributed(device.backend)
+    try:
+        return train(cfg, dims, device)
+    finally:
+        shutdown()
+
+
+def shutdown() -> None:
+    """Tear down megatron-core's groups and the default group (without it gloo occasionally aborts at exit)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo) -> int:
+    """Build every component for this rank and run the loop."""
+    from megatron.core import parallel_state
+
+    from data_pipeline.reader import ShardReader
+    from pretrain.checkpoint import CheckpointManager
+    from pretrain.metrics import MetricsLogger
+    from pretrain.parallel.engine import build_engine
+    from pretrain.trainer import Trainer
+
+    init_process_groups(dims, cfg.run.seed)
+    rank = dist.get_rank()
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump(cfg, run_dir / "config.yaml")
+        if cfg.data.tokenizer:  # the tokenizer travels with the run, so its checkpoints decode on their own
+            shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
+    dist.barrier()
+
+    # Data: split by data-parallel rank, so TP/PP peers of one replica read identical batches.
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    tokenizer_sha = _sha256(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    reader_args = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                       seed=cfg.run.seed, num_workers=cfg.data.num_workers, expected_tokenizer_sha256=tokenizer_sha)
+    train_data = ShardReader(cfg.data.train, shuffle=cfg.data.shuffle, loop=True, **reader_args)
+    valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
+    _check_data_matches_model(cfg, train_data)
+
+    # Model and engine.
+    spec = models.get(cfg.model.family)
+    vocab_size = models.padded_vocab_size(cfg.model.vocab_size or train_data.manifest["vocab_size"],
+                                          cfg.model.make_vocab_size_divisible_by, dims.tensor)
+    model = spec.build(cfg.model, cfg.parallel, device.dtype, vocab_size).to(device.device)
+    engine = build_engine(model, cfg, dims, device.dtype)
+
+    layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "data": dims.data,
+              "zero_stage": cfg.parallel.zero_stage}
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
+              f"device {device.device} {str(device.dtype).removeprefix('torch.')} | run dir {run_dir}", flush=True)
+    trainer = Trainer(
+        cfg, spec, engine, train_data, valid_data,
+        checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last),
+        metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0),
+        device=device.device,
+        accumulation=dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size),
+        flops_per_token=spec.flops_per_token(cfg.model, vocab_size),
+        config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        layout=layout,
+    )
+    return trainer.fit()
+
+
+def init_distributed(backend: str) -> None:
+    """The default process group: from the launcher's environment, or a one-process group of our own."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    dist.init_process_group(backend=backend)
+    import deepspeed  # after the device layer chose DeepSpeed's accelerator
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the existing group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    if not Path(path).is_file():
+        raise ConfigError(f"data.tokenizer: file not found: {path}")
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_data_matches_model(cfg: Config, data) -> None:
+    seq = data.manifest["seq_length"]
+    if seq != cfg.model.seq_length:
+        raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) does not match the shards in "
+                          f"{cfg.data.train} (seq_length {seq})")
+    if cfg.model.vocab_size and cfg.model.vocab_size < data.manifest["vocab_size"]:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"({data.manifest['vocab_size']})")
