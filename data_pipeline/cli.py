@@ -80,6 +80,21 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Command:
+    """The `func` of a leaf parser: `func(args)` -> exit code. A second positional argument (the list of
+    `--section.key=value` overrides some callers pass to every command) is accepted; these commands take none."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+        if overrides:
+            print(f"error: {args.command} takes no --section.key=value overrides: {' '.join(overrides)}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return _run(self.fn, args)
+
+
 def register(subparsers) -> None:
     """Add the `tokenizer train` and `data prepare` command groups to a `add_subparsers()` object."""
     tok = subparsers.add_parser("tokenizer", help="train a sentencepiece tokenizer")
@@ -96,7 +111,7 @@ def register(subparsers) -> None:
                        help="sample this many lines for training (0: all; bounds memory on big corpora)")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--verbose", action="store_true", help="show sentencepiece's own training log")
-    train.set_defaults(func=lambda args: _run(_tokenizer_train, args))
+    train.set_defaults(func=_Command(_tokenizer_train))
 
     data = subparsers.add_parser("data", help="prepare token shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="{prepare}", required=True)
@@ -111,4 +126,4 @@ def register(subparsers) -> None:
                       help="tar members (blocks) per shard; keep shards >= data-parallel ranks")
     prep.add_argument("--sequences-per-sample", type=int, default=64, help="sequences packed per tar member")
     prep.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
-    prep.set_defaults(func=lambda args: _run(_data_prepare, args))
+    prep.set_defaults(func=_Command(_data_prepare))

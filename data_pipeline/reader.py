@@ -72,8 +72,9 @@ class ShardReader:
     """Iterate int64 micro-batches `[micro_batch_size, seq_length + 1]` from a shard directory, for one DP rank.
 
     Stateful: iteration continues from the current position (`state_dict()`), advancing it as batches are
-    yielded. With `loop=True` the iterator is infinite over epochs; otherwise it ends at the end of the current
-    epoch. Position is counted in micro-batches consumed by the caller, so prefetching workers never skew it.
+    yielded. With `loop=True` the iterator is infinite over epochs (call `iter()` once, train from it); with
+    `loop=False` each `iter()` is one pass over the rest of the current epoch (for evaluation). Position is
+    counted in micro-batches handed to the caller, so prefetching workers never skew it.
     """
 
     def __init__(self, data_dir: str, *, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
@@ -92,7 +93,8 @@ class ShardReader:
         sha = self.manifest["tokenizer_sha256"]
         if expected_tokenizer_sha256 is not None and expected_tokenizer_sha256 != sha:
             raise DataError(f"{self.data_dir / MANIFEST_NAME}: shards were tokenized with tokenizer sha256 "
-                            f"{sha[:16]}…, expected {expected_tokenizer_sha256[:16]}… (wrong tokenizer or data dir)")
+                            f"{sha[:16]}…, expected {expected_tokenizer_sha256[:16]}… "
+                            f"(wrong tokenizer or data dir)")
         self._check_shard_files()
         self.steps_per_epoch = self._steps_per_epoch()
         self._epoch, self._batch = 0, 0
@@ -232,7 +234,7 @@ class ShardReader:
             self._epoch, self._batch = self._epoch + 1, 0
 
     def _global_batches(self, begin: int, end: int | None, worker: int, workers: int) -> Iterator[np.ndarray]:
-        """Batches with global index g = epoch * steps_per_epoch + k in [begin, end), g ≡ begin + worker mod workers."""
+        """Batches g = epoch * steps_per_epoch + k in [begin, end) with g ≡ begin + worker (mod workers)."""
         steps = self.steps_per_epoch
         for epoch in itertools.count(begin // steps):
             if end is not None and epoch * steps >= end:
@@ -243,20 +245,34 @@ class ShardReader:
                 epoch, first, lambda k: k < last and (epoch * steps + k - begin) % workers == worker)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        """Yield micro-batches from the current position: forever if `loop`, else to the end of this epoch."""
+        """Yield micro-batches from the current position: forever if `loop`, else to the end of this epoch.
+
+        With `loop=False` every iteration is one pass: stopping early (e.g. an eval capped at N batches) still
+        ends the epoch, so the next pass starts at batch 0 of the next epoch. Unshuffled, that is the same data,
+        which is what repeated evaluation needs.
+        """
         steps = self.steps_per_epoch
-        begin = self._epoch * steps + self._batch
+        epoch, begin = self._epoch, self._epoch * steps + self._batch
         end = None if self.loop else (self._epoch + 1) * steps
         if self.num_workers == 0:
             source: Iterator = self._global_batches(begin, end, 0, 1)
         else:
             source = _worker_loader(self, begin, end)
-        for batch in source:
-            if isinstance(batch, tuple) and batch[0] == _ERROR_TAG:
-                raise DataError(batch[1])
-            # Advance before yielding: a state_dict() taken after receiving this batch points at the next one.
-            self._advance()
-            yield batch
+        try:
+            for batch in source:
+                if isinstance(batch, tuple) and batch[0] == _ERROR_TAG:
+                    raise DataError(batch[1])
+                # Advance before yielding: a state_dict() taken after receiving this batch points at the next.
+                self._advance()
+                yield batch
+        finally:
+            if not self.loop and self._epoch == epoch:  # pass abandoned mid-epoch: the epoch is over
+                self._epoch, self._batch = epoch + 1, 0
+            # Stop DataLoader workers now, also when the caller stops early or an error propagates: otherwise
+            # they linger until garbage collection, and exit waits ~5 s per worker for them.
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict:
         """The position of the next batch, JSON-serialisable (plus the settings it is meaningful for)."""

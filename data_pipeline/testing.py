@@ -34,7 +34,8 @@ def build_tiny_dataset(out_dir: str | pathlib.Path, *, vocab_size: int = 400, se
                        chars_per_doc: int = 6000) -> dict:
     """Build corpus slice, tokenizer and shards under `out_dir`; return their paths and the manifest.
 
-    Defaults give about a dozen shards of 40 sequences of 33 tokens, the last one short: enough to split across 3 DP ranks.
+    Defaults give 13 shards of 40 sequences of 33 tokens, the last one short (10): enough to split unevenly
+    across 3 DP ranks.
     """
     from data_pipeline.shards import prepare_shards
     from data_pipeline.tokenizer import train_tokenizer

@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.errors import DataError
 
     # megatron-core warns once per layer that Apex/TE are missing; on CPU that is the expected configuration.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE) is not installed.*")
-    # Raised by megatron-core's own TransformerConfig defaults (cuda_graph_scope), not by anything we set.
-    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
+    # torch's own c10d wrappers deprecate the collectives DeepSpeed calls; nothing for a user to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

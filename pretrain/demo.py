@@ -49,7 +49,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 300, overrides: list[str] 
         data_dir = out / "data" / split
         if not (data_dir / "manifest.json").is_file():
             prepare_shards([str(splits[split])], str(tokenizer), str(data_dir), seq_length=seq_length,
-                           samples_per_shard=16, sequences_per_sample=64, prefix=split)
+                           samples_per_shard=4, sequences_per_sample=64, prefix=split)
         else:
             print(f"{data_dir}: already prepared")
 

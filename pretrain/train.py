@@ -29,7 +29,7 @@ def main(cfg: Config) -> int:
     device_layer.apply_cpu_shims()
     init_distributed(device.backend)
     try:
-        return train(cfg, dims, device)
+        return build(cfg, dims, device).fit()
     finally:
         shutdown()
 
@@ -43,8 +43,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def train(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo) -> int:
-    """Build every component for this rank and run the loop."""
+def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
+    """Build every component for this rank: process groups, data, model, engine → a ready Trainer."""
+    # Imported here, after the device layer ran: DeepSpeed picks its accelerator when first imported.
     from megatron.core import parallel_state
 
     from data_pipeline.reader import ShardReader
@@ -85,7 +86,7 @@ def train(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo) -> i
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
               f"device {device.device} {str(device.dtype).removeprefix('torch.')} | run dir {run_dir}", flush=True)
-    trainer = Trainer(
+    return Trainer(
         cfg, spec, engine, train_data, valid_data,
         checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last),
         metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0),
@@ -95,14 +96,13 @@ def train(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo) -> i
         config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
         layout=layout,
     )
-    return trainer.fit()
 
 
 def init_distributed(backend: str) -> None:
     """The default process group: from the launcher's environment, or a one-process group of our own."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     dist.init_process_group(backend=backend)
     import deepspeed  # after the device layer chose DeepSpeed's accelerator
 
@@ -110,7 +110,7 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the existing group
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -24,6 +24,7 @@ from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, names
 from pretrain.models import ModelSpec
 from pretrain.optim import lr_at
+from pretrain.parallel.engine import verify_replicas
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Trainer:
                 self.metrics.close()
                 return ft.REQUEUE_EXIT_CODE
         self.metrics.close()
+        digest = verify_replicas(self.engine)
+        if dist.get_rank() == 0:
+            print(f"parameters identical across {self.dp_size} data-parallel replicas (sha256 {digest[:16]})",
+                  flush=True)
         return 0
 
     def _due(self, every: int) -> bool:

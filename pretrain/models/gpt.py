@@ -55,6 +55,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        cuda_graph_scope=[],  # the default "full" is deprecated in this megatron-core and warns on every build
         recompute_granularity="full" if parallel.activation_checkpointing == "full" else None,
         recompute_method="uniform" if parallel.activation_checkpointing == "full" else None,
         recompute_num_layers=1 if parallel.activation_checkpointing == "full" else None,

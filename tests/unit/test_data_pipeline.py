@@ -199,6 +199,8 @@ def test_cli_bundled_valid_split_and_errors(tiny, tmp_path, capsys):
     assert len(err) == 1 and "nope.jsonl" in err[0]
     args = _parse(["tokenizer", "train", "--output", str(tmp_path / "t")])
     assert args.func(args) == 2
+    assert args.func(args, []) == 2  # callers may pass a (here empty) overrides list as a 2nd argument
+    assert args.func(args, ["--run.seed=1"]) == 2
     with pytest.raises(SystemExit):  # --input and --bundled together is a usage error
         _parse(["tokenizer", "train", "--bundled", "--input", "x", "--output", "y"])
 

@@ -34,13 +34,13 @@ def rows_of(batches):
 
 
 def all_rows(tiny):
-    """Every sequence in the dataset (read unshuffled, one rank, no truncation: 977 rows, B=1)."""
+    """Every sequence in the dataset (read unshuffled, one rank, batch size 1: no truncation)."""
     return rows_of(ShardReader(str(tiny["shards"]), micro_batch_size=1, shuffle=False, loop=False))
 
 
 def test_batches_shape_dtype_and_same_seed(tiny):
     r = ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=7)
-    assert r.seq_length == 32 and r.steps_per_epoch == 977 // B
+    assert r.seq_length == 32 and r.steps_per_epoch == tiny["manifest"]["num_sequences"] // B == 490 // B
     a = take(r, 30)
     assert all(x.shape == (B, 33) and x.dtype == np.int64 for x in a)
     b = take(ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=7), 30)
@@ -54,10 +54,20 @@ def test_epoch_covers_every_row_once_and_reshuffles(tiny):
     r = ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=3, loop=False)
     e0 = rows_of(list(r))
     e1 = rows_of(list(r))  # stateful: the second pass is epoch 1
-    assert len(e0) == len(e1) == (977 // B) * B and len(set(e0)) == len(e0)
+    assert len(e0) == len(e1) == (490 // B) * B and len(set(e0)) == len(e0)
     assert set(e0) <= set(every) and set(e1) <= set(every)
     assert e0 != e1 and e0 != every[: len(e0)]  # shuffled, differently per epoch
     assert r.state_dict()["epoch"] == 2
+
+
+def test_non_looping_pass_stopped_early_ends_the_epoch(tiny):
+    # Evaluation with a batch cap: every capped pass over an unshuffled reader sees the same batches.
+    r = ShardReader(str(tiny["shards"]), micro_batch_size=B, shuffle=False, loop=False)
+    first = take(r, 3)
+    assert r.state_dict()["epoch"] == 1 and r.state_dict()["batch_in_epoch"] == 0
+    again = take(r, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert len(list(r)) == r.steps_per_epoch
 
 
 def test_unshuffled_order_is_the_shard_order(tiny):
@@ -70,12 +80,13 @@ def test_dp_ranks_disjoint_equal_steps_uneven_shards(tiny, shuffle):
     every = set(all_rows(tiny))
     readers = [ShardReader(str(tiny["shards"]), micro_batch_size=B, dp_rank=r, dp_size=3, seed=1,
                            shuffle=shuffle, loop=False) for r in range(3)]
-    steps = {r.steps_per_epoch for r in readers}
-    # 13 shards over 3 ranks: at least 4 each; with shuffling the guarantee is the 4 smallest (10+40+40+40).
-    assert steps == {130 // B if shuffle else 160 // B}
-    for epoch in range(2):
+    # 13 shards over 3 ranks: at least 4 each; with shuffling the guarantee is the 4 smallest (10+40+40+40),
+    # without it the fixed split gives ranks 170, 160, 160 rows.
+    steps = 130 // B if shuffle else 160 // B
+    assert [r.steps_per_epoch for r in readers] == [steps] * 3
+    for _epoch in range(2):
         per_rank = [rows_of(list(r)) for r in readers]
-        assert [len(p) for p in per_rank] == [steps.pop() * B if epoch == 0 else len(per_rank[0])] * 3
+        assert [len(p) for p in per_rank] == [steps * B] * 3
         union = set().union(*per_rank)
         assert len(union) == sum(len(p) for p in per_rank) and union <= every  # disjoint, real rows
 

@@ -1,0 +1,323 @@
+"""Config: shipped YAML files load, overrides are typed, every bad key or value is a one-line ConfigError naming it."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain import config as C
+from pretrain.config import Config, ConfigError, dump, load
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "debug" / "gpt_tiny.yaml"
+G125M = REPO / "configs" / "gpt" / "125m.yaml"
+G13B = REPO / "configs" / "gpt" / "1.3b.yaml"
+
+
+def config_error(path, overrides) -> str:
+    """Load expecting a ConfigError; return its message after checking it is one line."""
+    with pytest.raises(ConfigError) as info:
+        load(path, overrides)
+    message = str(info.value)
+    assert message and "\n" not in message, f"ConfigError message is not one line: {message!r}"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shipped configs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_load_debug_tiny():
+    cfg = load(TINY)
+    assert isinstance(cfg, Config)
+    assert (cfg.run.name, cfg.run.seed) == ("gpt_tiny", 1234)
+    m = cfg.model
+    assert (m.family, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == ("gpt", 4, 192, 4, 128)
+    assert cfg.data.train == "runs/demo/data/train"
+    assert cfg.optim.lr == pytest.approx(3e-3) and cfg.optim.min_lr == pytest.approx(3e-4)
+    assert isinstance(cfg.optim.lr, float)
+    assert (cfg.optim.warmup_steps, cfg.optim.schedule) == (20, "cosine")
+    assert (cfg.train.steps, cfg.train.micro_batch_size, cfg.train.eval_batches) == (300, 16, 20)
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.keep_last) == (50, 2)
+    # Keys the file leaves out keep their dataclass defaults.
+    assert cfg.model.ffn_hidden_size == 0 and cfg.train.global_batch_size == 0 and cfg.ft.save_on_signal is True
+
+
+def test_load_gpt_125m():
+    cfg = load(G125M)
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == (12, 768, 12, 2048)
+    assert (cfg.parallel.tensor, cfg.parallel.zero_stage) == (1, 1)
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.precision) == (16, 256, "bf16")
+    assert cfg.optim.lr == pytest.approx(6e-4) and cfg.optim.warmup_steps == 375
+    assert cfg.data.num_workers == 2
+
+
+def test_load_gpt_1_3b():
+    cfg = load(G13B)
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == (24, 2048, 16, 2048)
+    p = cfg.parallel
+    assert (p.tensor, p.pipeline, p.zero_stage, p.activation_checkpointing) == (2, 1, 1, "full")
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (4, 512)
+    assert cfg.optim.min_lr == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize("path", [TINY, G125M, G13B], ids=["tiny", "125m", "1.3b"])
+def test_dump_then_load_round_trips(path, tmp_path):
+    cfg = load(path, ["--optim.min_lr=1.5e-5", "--run.name=round trip", "--metrics.console=false"])
+    out = tmp_path / "config.yaml"
+    dump(cfg, out)
+    again = load(out)
+    assert again == cfg
+    assert again.optim.min_lr == 1.5e-5 and again.run.name == "round trip" and again.metrics.console is False
+    # The dump is complete: every section and every field is written, not just the non-defaults.
+    raw = yaml.safe_load(out.read_text())
+    assert list(raw) == [f.name for f in dataclasses.fields(Config)]
+    for f in dataclasses.fields(Config):
+        assert list(raw[f.name]) == [g.name for g in dataclasses.fields(getattr(cfg, f.name))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides: typed values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_override_int_float_bool_string():
+    cfg = load(TINY, ["--model.hidden_size=256", "--optim.lr=3.0e-4", "--optim.weight_decay=0",
+                      "--data.shuffle=false", "--run.name=my run", "--data.train=/tmp/shards",
+                      "--parallel.zero_stage=2", "--train.precision=fp32"])
+    assert cfg.model.hidden_size == 256 and type(cfg.model.hidden_size) is int
+    assert cfg.optim.lr == 3.0e-4 and type(cfg.optim.lr) is float
+    # An int is accepted for a float field and stored as a float.
+    assert cfg.optim.weight_decay == 0.0 and type(cfg.optim.weight_decay) is float
+    assert cfg.data.shuffle is False
+    assert cfg.run.name == "my run" and cfg.data.train == "/tmp/shards"
+    assert cfg.parallel.zero_stage == 2 and cfg.train.precision == "fp32"
+    # The file's other values are untouched.
+    assert cfg.model.num_layers == 4 and cfg.optim.min_lr == pytest.approx(3e-4)
+
+
+def test_override_value_may_contain_equals_and_be_empty():
+    cfg = load(TINY, ["--run.name=a=b", "--data.valid="])
+    assert cfg.run.name == "a=b" and cfg.data.valid == ""
+
+
+def test_later_override_wins():
+    assert load(TINY, ["--train.steps=5", "--train.steps=7"]).train.steps == 7
+
+
+def test_override_float_without_dot_is_rejected_by_yaml_1_1():
+    """`3e-4` is a *string* to PyYAML (YAML 1.1 floats need a dot): the override is refused, not mis-set.
+
+    This pins current behaviour (a usability wart, reported): users must write 3.0e-4. If the loader learns to accept
+    it, this test should change to expect 3e-4.
+    """
+    assert yaml.safe_load("3e-4") == "3e-4" and yaml.safe_load("3.0e-4") == 3.0e-4
+    message = config_error(TINY, ["--optim.lr=3e-4"])
+    assert message.startswith("optim.lr") and "'3e-4'" in message and "float" in message
+
+
+def test_float_without_dot_in_yaml_file_is_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: x\noptim:\n  lr: 3e-4\n  min_lr: 0\n")
+    message = config_error(path, [])
+    assert message.startswith("optim.lr")
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("--model.hidden_size=abc", "model.hidden_size", "'abc'"),
+    ("--train.steps=1.5", "train.steps", "1.5"),
+    ("--train.steps=true", "train.steps", "True"),  # bool is not an int here
+    ("--model.num_layers=[1, 2]", "model.num_layers", "[1, 2]"),
+    ("--optim.lr=abc", "optim.lr", "'abc'"),
+    ("--optim.lr=true", "optim.lr", "True"),  # bool is not a float either
+    ("--data.shuffle=1", "data.shuffle", "1"),  # nor is an int a bool
+    ("--run.name=null", "run.name", "None"),
+    ("--parallel.zero_stage=4", "parallel.zero_stage", "4"),
+    ("--parallel.zero_stage=1.0", "parallel.zero_stage", "1.0"),  # right value, wrong type
+    ("--parallel.zero_stage=true", "parallel.zero_stage", "True"),  # True == 1 but is not a stage
+    ("--train.precision=fp16", "train.precision", "'fp16'"),
+    ("--parallel.activation_checkpointing=selective", "parallel.activation_checkpointing", "'selective'"),
+    ("--model.family=bert", "model.family", "'bert'"),
+])
+def test_wrong_type_names_the_key(override, key, shown):
+    message = config_error(TINY, [override])
+    assert message.startswith(f"{key}:"), message
+    assert shown in message
+
+
+def test_literal_error_lists_allowed_values():
+    message = config_error(TINY, ["--parallel.zero_stage=4"])
+    assert "0, 1, 2, 3" in message
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("--model.hiden=3", "'model.hiden'"),
+    ("--optim.learning_rate=1.0", "'optim.learning_rate'"),
+    ("--model.=3", "'model.'"),
+])
+def test_unknown_key_names_it_and_lists_the_allowed(override, shown):
+    message = config_error(TINY, [override])
+    assert shown in message and "unknown key" in message
+    assert "hidden_size" in message or "lr" in message  # the allowed keys are listed
+
+
+@pytest.mark.parametrize("override, section", [("--modle.hidden_size=3", "'modle'"), ("--.x=1", "''")])
+def test_unknown_section_names_it(override, section):
+    message = config_error(TINY, [override])
+    assert f"unknown section {section}" in message
+    assert "model" in message and "parallel" in message  # the allowed sections are listed
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  stepz: 3\n")
+    assert "'train.stepz'" in config_error(path, [])
+    path.write_text("data:\n  train: x\ntrainer:\n  steps: 3\n")
+    assert "'trainer'" in config_error(path, [])
+
+
+@pytest.mark.parametrize("override", [
+    "model.hidden_size=3",  # no leading --
+    "-model.hidden_size=3",
+    "--model.hidden_size",  # no =
+    "--hidden_size=3",  # no section
+    "--model=3",
+    "--model.a.b=1",  # too deep
+    "--=3",
+])
+def test_malformed_override(override):
+    message = config_error(TINY, [override])
+    assert message.startswith("bad override") and repr(override) in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    message = config_error(tmp_path / "nope.yaml", [])
+    assert "not found" in message and "nope.yaml" in message
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("a: [\n", "not valid YAML"),
+    ("- 1\n- 2\n", "mapping of sections"),
+    ("data:\n  train: x\nmodel: [1, 2]\n", "model: expected a mapping"),
+])
+def test_malformed_file(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert needle in config_error(path, [])
+
+
+def test_empty_section_in_file_means_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: x\nft:\n")
+    assert load(path).ft == C.FtConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate(): one case per rule; the message starts with the key
+# ---------------------------------------------------------------------------------------------------------------
+
+_POSITIVE = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
+             "model.make_vocab_size_divisible_by", "train.steps", "train.micro_batch_size", "train.log_every",
+             "parallel.tensor", "parallel.pipeline"]
+_NON_NEGATIVE = ["model.ffn_hidden_size", "model.vocab_size", "train.global_batch_size", "train.eval_every",
+                 "train.eval_batches", "optim.warmup_steps", "optim.decay_steps", "checkpoint.every_steps",
+                 "checkpoint.keep_last", "data.num_workers"]
+
+
+@pytest.mark.parametrize("key", _POSITIVE)
+def test_must_be_positive(key):
+    message = config_error(TINY, [f"--{key}=0"])
+    assert message.startswith(f"{key}:") and "> 0" in message
+
+
+@pytest.mark.parametrize("key", _NON_NEGATIVE)
+def test_must_be_non_negative(key):
+    message = config_error(TINY, [f"--{key}=-1"])
+    assert message.startswith(f"{key}:") and ">= 0" in message and "-1" in message
+    load(TINY, [f"--{key}=0"])  # the boundary is allowed
+
+
+@pytest.mark.parametrize("overrides, key, needles", [
+    (["--model.num_attention_heads=5"], "model.num_attention_heads", ["5", "192"]),
+    (["--model.hidden_dropout=1.0"], "model.hidden_dropout", ["[0, 1)", "1.0"]),
+    (["--model.attention_dropout=-0.1"], "model.attention_dropout", ["-0.1"]),
+    (["--model.hidden_dropout=.nan"], "model.hidden_dropout", ["nan"]),
+    (["--optim.lr=0.0", "--optim.min_lr=0.0"], "optim.lr", ["> 0"]),
+    (["--optim.min_lr=0.01"], "optim.min_lr", ["0.01", "0.003"]),  # min_lr > lr (3e-3)
+    (["--optim.min_lr=-1.0e-5"], "optim.min_lr", ["-1e-05"]),
+    (["--optim.clip_grad=-1.0"], "optim.clip_grad", [">= 0"]),
+    (["--parallel.pipeline=2"], "parallel.pipeline", ["2"]),
+    (["--parallel.sequence_parallel=true"], "parallel.sequence_parallel", ["parallel.tensor > 1"]),
+    (["--data.train="], "data.train", ["required"]),
+])
+def test_value_rules(overrides, key, needles):
+    message = config_error(TINY, overrides)
+    assert message.startswith(f"{key}:"), message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_value_rule_boundaries_are_accepted():
+    cfg = load(TINY, ["--model.hidden_dropout=0.99", "--model.attention_dropout=0.0", "--optim.min_lr=3.0e-3",
+                      "--optim.clip_grad=0", "--parallel.tensor=2", "--parallel.sequence_parallel=true",
+                      "--model.num_attention_heads=6"])
+    assert cfg.optim.min_lr == cfg.optim.lr and cfg.parallel.sequence_parallel is True
+    assert cfg.model.num_attention_heads == 6
+
+
+def test_missing_data_train_in_defaults():
+    with pytest.raises(ConfigError, match=r"^data\.train:"):
+        C.validate(Config())
+    C.validate(Config(data=C.DataConfig(train="x")))  # every other default is valid
+
+
+def test_from_dict_rejects_non_mapping():
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        C.from_dict([1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `#:` comments the README's config reference is generated from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dataclass_fields_in_source():
+    """{class name: [(field name, line above)]} for every @dataclass in pretrain/config.py."""
+    path = Path(C.__file__)
+    lines = path.read_text().splitlines()
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        names = {d.id if isinstance(d, ast.Name) else getattr(d, "attr", None) for d in node.decorator_list}
+        if "dataclass" not in names:
+            continue
+        found[node.name] = [(stmt.target.id, lines[stmt.lineno - 2].strip())
+                            for stmt in node.body if isinstance(stmt, ast.AnnAssign)]
+    return found
+
+
+def test_every_section_field_has_a_doc_comment_directly_above():
+    found = _dataclass_fields_in_source()
+    sections = {tp.__name__ for tp in typing.get_type_hints(Config).values()}
+    # Every dataclass in the module is either a section of Config or Config itself (so none escapes this check).
+    assert set(found) == sections | {"Config"}
+    missing = [f"{cls}.{name}" for cls in sorted(sections) for name, above in found[cls]
+               if not above.startswith("#:") or len(above) <= 3]
+    assert not missing, f"fields without a '#:' comment directly above: {missing}"
+    # The parse really saw the fields (guards against the check passing on an empty list).
+    assert sum(len(found[c]) for c in sections) == sum(len(dataclasses.fields(getattr(Config(), f.name)))
+                                                       for f in dataclasses.fields(Config))
