@@ -8,6 +8,8 @@ config reference is written from.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,14 +168,23 @@ class FtConfig:
 class Config:
     """The whole run. Section names are a contract (README, configs/, launchers)."""
 
+    #: Name, directory and seed of the run.
     run: RunConfig = field(default_factory=RunConfig)
+    #: Architecture and sizes.
     model: ModelConfig = field(default_factory=ModelConfig)
+    #: Shards, tokenizer, loader workers.
     data: DataConfig = field(default_factory=DataConfig)
+    #: Tensor / pipeline / sequence parallelism and the ZeRO stage.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    #: AdamW and the learning-rate schedule.
     optim: OptimConfig = field(default_factory=OptimConfig)
+    #: Steps, batch sizes, precision, logging and evaluation cadence.
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: Where and how often to checkpoint.
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    #: Metric sinks.
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: Fault tolerance.
     ft: FtConfig = field(default_factory=FtConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +197,9 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading, overrides, type checks.
 # ----------------------------------------------------------------------------------------------------------------
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _describe(tp) -> str:
@@ -201,6 +215,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    elif tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads `3e-4` as a string; it is a float to every user
     elif tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif tp in (str, bool) and isinstance(value, tp):
@@ -255,14 +271,18 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    sections = typing.get_type_hints(Config)
     for arg in overrides:
         keys, value = parse_override(arg)
         if len(keys) != 2:
             raise ConfigError(f"bad override {arg!r}: expected exactly --section.key=value")
-        section = raw.setdefault(keys[0], {})
+        section = raw.get(keys[0]) or {}  # an empty `ft:` in the file loads as None
         if not isinstance(section, dict):
             raise ConfigError(f"{keys[0]}: expected a mapping of keys")
+        if keys[0] in sections and typing.get_type_hints(sections[keys[0]]).get(keys[1]) is str:
+            value = arg.split("=", 1)[1]  # text fields take the text as typed: --run.name=2024 is not a number
         section[keys[1]] = value
+        raw[keys[0]] = section
     return from_dict(raw)
 
 
@@ -296,9 +316,16 @@ def validate(cfg: Config) -> None:
              f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
     for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
         _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    for key, value in [("optim.lr", o.lr), ("optim.eps", o.eps), ("model.init_method_std", m.init_method_std),
+                       ("model.layernorm_epsilon", m.layernorm_epsilon)]:
+        _require(0 < value < math.inf, key, f"must be a finite number > 0, got {value}")
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+    _require(0 <= o.weight_decay < math.inf, "optim.weight_decay", f"must be a finite number >= 0, got {o.weight_decay}")
+    _require(o.decay_steps == 0 or o.decay_steps > o.warmup_steps, "optim.decay_steps",
+             f"must be 0 or > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
-    _require(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
+    _require(0 <= o.clip_grad < math.inf, "optim.clip_grad", f"must be a finite number >= 0, got {o.clip_grad}")
     _require(p.pipeline == 1, "parallel.pipeline",
              f"pipeline parallelism is not available yet (got {p.pipeline}); use 1")
     _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")

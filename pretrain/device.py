@@ -175,5 +175,9 @@ def apply_cpu_shims(exclude: tuple[str, ...] = ()) -> list[str]:
 
 def remove_cpu_shims(names: tuple[str, ...] | None = None) -> None:
     """Undo installed shims (all when ``names`` is None). Used by the tests that prove each shim is needed."""
-    for name in list(_installed) if names is None else names:
+    names = list(_installed) if names is None else names
+    unknown = [n for n in names if n not in _installed]
+    if unknown:
+        raise ValueError(f"shims not installed: {', '.join(unknown)} (installed: {', '.join(sorted(_installed))})")
+    for name in names:
         _installed.pop(name)()

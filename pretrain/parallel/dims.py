@@ -22,6 +22,10 @@ class ParallelDims:
     data: int = field(init=False)
 
     def __post_init__(self):
+        for key, value in [("world size", self.world_size), ("parallel.tensor", self.tensor),
+                           ("parallel.pipeline", self.pipeline)]:
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
         mp = self.tensor * self.pipeline
         if self.world_size % mp != 0:
             raise ConfigError(
