@@ -109,14 +109,16 @@ class Trainer:
 
         if not self._is_log_step():
             return {}
-        # Logged steps only: one all-reduce for the data-parallel mean loss (TP/PP peers already agree).
+        # Logged steps only: one all-reduce for the data-parallel mean loss (TP/PP peers already agree). Its
+        # .item() waits for the device, so the step time below includes all queued GPU work.
         loss = loss_sum / self.accumulation
         dist.all_reduce(loss, group=self.dp_group)
+        loss_value = loss.item() / self.dp_size
         step_time = time.perf_counter() - start
         tokens_per_s = tokens * self.dp_size / step_time
         return {
             names.STEP: self.state.step,
-            names.LOSS: loss.item() / self.dp_size,
+            names.LOSS: loss_value,
             names.LR: lr,
             names.GRAD_NORM: float(self.engine.get_global_grad_norm() or 0.0),
             names.TOKENS_PER_S: tokens_per_s,

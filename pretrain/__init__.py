@@ -1,0 +1,6 @@
+"""Distributed LLM pretraining: megatron-core models under DeepSpeed ZeRO, fed by resumable WebDataset shards.
+
+Start reading at ``pretrain/train.py``; the command line is ``pretrain/__main__.py``.
+"""
+
+__version__ = "0.1.0"
