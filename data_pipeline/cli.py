@@ -1,21 +1,18 @@
 """`pretrain tokenizer train` and `pretrain data prepare`: argparse glue over the data pipeline.
 
-`register(subparsers)` adds both command groups to the `pretrain` parser. Every leaf parser sets `func`, which
-takes the parsed arguments and returns an exit code: 0 on success, 1 on bad input (a one-line `error:` message
-on stderr, from DataError), 2 on a usage error.
+`register(subparsers)` adds both command groups to the `pretrain` parser. Every leaf parser sets `func(args,
+overrides)` returning exit code 0; bad input raises DataError, which `pretrain` prints as one `error:` line and
+exits with 2, as for every other subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import tempfile
 from typing import Iterator
 
 from data_pipeline.errors import DataError
-
-EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _add_input_args(parser: argparse.ArgumentParser, bundled_choices: tuple[str, ...]) -> None:
@@ -39,23 +36,7 @@ def _inputs(args: argparse.Namespace) -> Iterator[list[str]]:
         with tempfile.TemporaryDirectory(prefix="pretrain-bundled-") as tmp:
             yield [str(extract_bundled(tmp)[args.bundled])]
     else:
-        raise _UsageError("give --input PATH (repeatable) or --bundled")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _run(fn, args: argparse.Namespace) -> int:
-    """Run a command, turning bad input into a one-line message and an exit code instead of a traceback."""
-    try:
-        return fn(args)
-    except _UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DATA_ERROR
+        raise DataError("no corpus given: pass --input PATH (repeatable) or --bundled")
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
@@ -67,7 +48,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
                                input_sentence_size=args.input_sentence_size, num_threads=args.threads,
                                text_key=args.text_key, verbose=args.verbose)
     print(f"tokenizer: wrote {path}")
-    return EXIT_OK
+    return 0
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
@@ -77,22 +58,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
         prepare_shards(inputs, args.tokenizer, args.output, args.seq_length,
                        samples_per_shard=args.samples_per_shard, sequences_per_sample=args.sequences_per_sample,
                        text_key=args.text_key, prefix=args.prefix)
-    return EXIT_OK
-
-
-class _Command:
-    """The `func` of a leaf parser: `func(args)` -> exit code. A second positional argument (the list of
-    `--section.key=value` overrides some callers pass to every command) is accepted; these commands take none."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, args: argparse.Namespace, overrides: list[str] | None = None) -> int:
-        if overrides:
-            print(f"error: {args.command} takes no --section.key=value overrides: {' '.join(overrides)}",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        return _run(self.fn, args)
+    return 0
 
 
 def register(subparsers) -> None:
@@ -111,7 +77,7 @@ def register(subparsers) -> None:
                        help="sample this many lines for training (0: all; bounds memory on big corpora)")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--verbose", action="store_true", help="show sentencepiece's own training log")
-    train.set_defaults(func=_Command(_tokenizer_train))
+    train.set_defaults(func=lambda args, overrides: _tokenizer_train(args))
 
     data = subparsers.add_parser("data", help="prepare token shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="{prepare}", required=True)
@@ -126,4 +92,4 @@ def register(subparsers) -> None:
                       help="tar members (blocks) per shard; keep shards >= data-parallel ranks")
     prep.add_argument("--sequences-per-sample", type=int, default=64, help="sequences packed per tar member")
     prep.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
-    prep.set_defaults(func=_Command(_data_prepare))
+    prep.set_defaults(func=lambda args, overrides: _data_prepare(args))

@@ -177,30 +177,33 @@ def _parse(argv):
 def test_cli_tokenizer_and_prepare(tiny, tmp_path, capsys):
     args = _parse(["tokenizer", "train", "--input", str(tiny["corpus"]), "--output", str(tmp_path / "tok"),
                    "--vocab-size", "400"])
-    assert args.func(args) == 0
+    assert args.func(args, []) == 0
     assert Tokenizer(tmp_path / "tok.model").sha256 == Tokenizer(tiny["tokenizer"]).sha256
     args = _parse(["data", "prepare", "--input", str(tiny["corpus"]), "--tokenizer", str(tmp_path / "tok.model"),
                    "--output", str(tmp_path / "shards"), "--seq-length", "32", "--samples-per-shard", "5",
                    "--sequences-per-sample", "8"])
-    assert args.func(args) == 0
+    assert args.func(args, []) == 0
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text()) == tiny["manifest"]
 
 
 def test_cli_bundled_valid_split_and_errors(tiny, tmp_path, capsys):
     args = _parse(["data", "prepare", "--bundled", "valid", "--tokenizer", str(tiny["tokenizer"]),
                    "--output", str(tmp_path / "valid"), "--seq-length", "512", "--samples-per-shard", "64"])
-    assert args.func(args) == 0
+    assert args.func(args, []) == 0
     assert json.loads((tmp_path / "valid" / "manifest.json").read_text())["num_documents"] == 3
     capsys.readouterr()
-    args = _parse(["data", "prepare", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer",
-                   str(tiny["tokenizer"]), "--output", str(tmp_path / "x"), "--seq-length", "32"])
-    assert args.func(args) == 1
+    from pretrain.__main__ import main
+
+    # Bad input through the real command: one `error:` line naming the file, exit code 2.
+    assert main(["data", "prepare", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer",
+                 str(tiny["tokenizer"]), "--output", str(tmp_path / "x"), "--seq-length", "32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope.jsonl" in err[0]
-    args = _parse(["tokenizer", "train", "--output", str(tmp_path / "t")])
-    assert args.func(args) == 2
-    assert args.func(args, []) == 2  # callers may pass a (here empty) overrides list as a 2nd argument
-    assert args.func(args, ["--run.seed=1"]) == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope.jsonl" in err[0]
+    assert main(["tokenizer", "train", "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--input" in err[0]
+    with pytest.raises(SystemExit):  # overrides are for train/demo only
+        main(["tokenizer", "train", "--bundled", "--output", str(tmp_path / "t"), "--run.seed=1"])
     with pytest.raises(SystemExit):  # --input and --bundled together is a usage error
         _parse(["tokenizer", "train", "--bundled", "--input", "x", "--output", "y"])
 
