@@ -67,9 +67,23 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One training corpus in a blend. In YAML either a plain path or a mapping with these keys."""
+
+    #: Shard directory holding manifest.json and the shards (written by `pretrain data prepare`).
+    path: str = ""
+    #: Relative share of training samples drawn from this source (normalised over all sources).
+    weight: float = 1.0
+    #: Shards as a brace pattern or URLs webdataset reads (`pipe:...`, http); empty means the manifest's shard
+    #: files next to it in `path`.
+    shards: str = ""
+
+
+@dataclass
 class DataConfig:
-    #: Directory of training shards with manifest.json (written by `pretrain data prepare`).
-    train: str = ""
+    #: Training sources: a shard directory, or a list of {path, weight[, shards]} blended deterministically
+    #: (each global sample goes to the source with the largest weight * samples - count, Megatron's rule).
+    train: list[DataSource] = field(default_factory=list)
     #: Directory of validation shards with manifest.json; empty disables evaluation.
     valid: str = ""
     #: sentencepiece model; must match the manifests' tokenizer checksum. Empty skips the check.
@@ -78,6 +92,10 @@ class DataConfig:
     num_workers: int = 0
     #: Shuffle shard and sequence order (seeded by run.seed and the epoch).
     shuffle: bool = True
+    #: Rows are shuffled within windows of this many consecutive tar members (blocks of packed sequences).
+    shuffle_window_blocks: int = 8
+    #: A corrupt or missing shard: error (stop with a one-line message) or skip (warn, count in metrics).
+    on_bad_shard: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -203,6 +221,8 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _describe(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a path or a list of {typing.get_args(tp)[0].__name__} mappings"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -221,6 +241,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return value
     elif tp in (str, bool) and isinstance(value, tp):
         return value
+    elif typing.get_origin(tp) is list and dataclasses.is_dataclass(item := typing.get_args(tp)[0]):
+        items = ([value] if value else []) if isinstance(value, str) else value  # a lone path: one source
+        if isinstance(items, list):
+            return [item(path=v) if isinstance(v, str) else _build_section(item, v, f"{key}[{i}]")
+                    for i, v in enumerate(items)]
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
 
@@ -330,4 +355,9 @@ def validate(cfg: Config) -> None:
              f"pipeline parallelism is not available yet (got {p.pipeline}); use 1")
     _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
     _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
+    for i, source in enumerate(cfg.data.train):
+        _require(bool(source.path), f"data.train[{i}].path", "is required")
+        _require(0 < source.weight < math.inf, f"data.train[{i}].weight", f"must be > 0, got {source.weight}")
+    _require(cfg.data.shuffle_window_blocks > 0, "data.shuffle_window_blocks",
+             f"must be > 0, got {cfg.data.shuffle_window_blocks}")
 

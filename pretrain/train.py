@@ -69,7 +69,7 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     tokenizer_sha = _sha256(cfg.data.tokenizer) if cfg.data.tokenizer else None
     reader_args = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                        seed=cfg.run.seed, num_workers=cfg.data.num_workers, expected_tokenizer_sha256=tokenizer_sha)
-    train_data = ShardReader(cfg.data.train, shuffle=cfg.data.shuffle, loop=True, **reader_args)
+    train_data = ShardReader(cfg.data.train[0].path, shuffle=cfg.data.shuffle, loop=True, **reader_args)
     valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
     _check_data_matches_model(cfg, train_data)
 
@@ -128,7 +128,7 @@ def _check_data_matches_model(cfg: Config, data) -> None:
     seq = data.manifest["seq_length"]
     if seq != cfg.model.seq_length:
         raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) does not match the shards in "
-                          f"{cfg.data.train} (seq_length {seq})")
+                          f"{cfg.data.train[0].path} (seq_length {seq})")
     if cfg.model.vocab_size and cfg.model.vocab_size < data.manifest["vocab_size"]:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"({data.manifest['vocab_size']})")

@@ -40,7 +40,7 @@ def test_load_debug_tiny():
     assert (cfg.run.name, cfg.run.seed) == ("gpt_tiny", 1234)
     m = cfg.model
     assert (m.family, m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == ("gpt", 4, 192, 4, 128)
-    assert cfg.data.train == "runs/demo/data/train"
+    assert cfg.data.train == [C.DataSource(path="runs/demo/data/train")]  # a lone path is a one-source blend
     assert cfg.optim.lr == pytest.approx(3e-3) and cfg.optim.min_lr == pytest.approx(3e-4)
     assert isinstance(cfg.optim.lr, float)
     assert (cfg.optim.warmup_steps, cfg.optim.schedule) == (20, "cosine")
@@ -99,7 +99,7 @@ def test_override_int_float_bool_string():
     # An int is accepted for a float field and stored as a float.
     assert cfg.optim.weight_decay == 0.0 and type(cfg.optim.weight_decay) is float
     assert cfg.data.shuffle is False
-    assert cfg.run.name == "my run" and cfg.data.train == "/tmp/shards"
+    assert cfg.run.name == "my run" and cfg.data.train == [C.DataSource(path="/tmp/shards")]
     assert cfg.parallel.zero_stage == 2 and cfg.train.precision == "fp32"
     # The file's other values are untouched.
     assert cfg.model.num_layers == 4 and cfg.optim.min_lr == pytest.approx(3e-4)
@@ -141,6 +141,14 @@ def test_exponent_string_is_not_a_float_for_other_types():
     # Only float fields read `3e-4` as a number: an int field refuses it, a str field keeps the text.
     assert config_error(TINY, ["--train.steps=1e3"]).startswith("train.steps:")
     assert load(TINY, ["--run.name=3e-4"]).run.name == "3e-4"
+
+
+def test_data_train_blend_sources():
+    cfg = load(TINY, ["--data.train=[{path: a, weight: 0.7}, {path: b, weight: 0.3, shards: 'pipe:cat b-{0..3}.tar'}]"])
+    assert cfg.data.train == [C.DataSource("a", 0.7), C.DataSource("b", 0.3, "pipe:cat b-{0..3}.tar")]
+    for override, key in [("--data.train=[{pth: a}]", "data.train[0].pth"), ("--data.train=3", "data.train"),
+                          ("--data.train=[{path: a, weight: 0}]", "data.train[0].weight")]:
+        assert key in config_error(TINY, [override])
 
 
 @pytest.mark.parametrize("text", ["2024", "yes", "null", "off", "1.5"])
@@ -314,7 +322,7 @@ def test_value_rule_boundaries_are_accepted():
 def test_missing_data_train_in_defaults():
     with pytest.raises(ConfigError, match=r"^data\.train:"):
         C.validate(Config())
-    C.validate(Config(data=C.DataConfig(train="x")))  # every other default is valid
+    C.validate(Config(data=C.DataConfig(train=[C.DataSource(path="x")])))  # every other default is valid
 
 
 def test_from_dict_rejects_non_mapping():
@@ -346,9 +354,9 @@ def _dataclass_fields_in_source():
 def test_every_section_field_has_a_doc_comment_directly_above():
     found = _dataclass_fields_in_source()
     sections = {tp.__name__ for tp in typing.get_type_hints(Config).values()}
-    # Every dataclass in the module is either a section of Config or Config itself (so none escapes this check).
-    assert set(found) == sections | {"Config"}
-    missing = [f"{cls}.{name}" for cls in sorted(sections) for name, above in found[cls]
+    # Every dataclass in the module is a section, a section's item type, or Config (so none escapes this check).
+    assert set(found) == sections | {"Config", "DataSource"}
+    missing = [f"{cls}.{name}" for cls in sorted(found) for name, above in found[cls]
                if not above.startswith("#:") or len(above) <= 3]
     assert not missing, f"fields without a '#:' comment directly above: {missing}"
     # The parse really saw the fields (guards against the check passing on an empty list).
