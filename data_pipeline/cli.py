@@ -39,14 +39,21 @@ def _inputs(args: argparse.Namespace) -> Iterator[list[str]]:
         raise DataError("no corpus given: pass --input PATH (repeatable) or --bundled")
 
 
+def _symbol_list(value: str) -> list[str]:
+    """`--special-symbols "[CLS],[SEP],[MASK]"` -> list; "" -> [] (comma-separated, as in sentencepiece's spm_train)."""
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import train_tokenizer
 
     with _inputs(args) as inputs:
         path = train_tokenizer(inputs, args.output, args.vocab_size, model_type=args.model_type,
-                               character_coverage=args.character_coverage,
-                               input_sentence_size=args.input_sentence_size, num_threads=args.threads,
-                               text_key=args.text_key, verbose=args.verbose)
+                               character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
+                               input_sentence_size=args.input_sentence_size,
+                               shuffle_input_sentence=args.shuffle_input_sentence, num_threads=args.threads,
+                               text_key=args.text_key, special_symbols=_symbol_list(args.special_symbols),
+                               user_defined_symbols=_symbol_list(args.user_defined_symbols), verbose=args.verbose)
     print(f"tokenizer: wrote {path}")
     return 0
 
@@ -57,7 +64,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     with _inputs(args) as inputs:
         prepare_shards(inputs, args.tokenizer, args.output, args.seq_length,
                        samples_per_shard=args.samples_per_shard, sequences_per_sample=args.sequences_per_sample,
-                       text_key=args.text_key, prefix=args.prefix)
+                       text_key=args.text_key, prefix=args.prefix, workers=args.workers)
     return 0
 
 
@@ -66,15 +73,26 @@ def register(subparsers) -> None:
     tok = subparsers.add_parser("tokenizer", help="train a sentencepiece tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="{train}", required=True)
     train = tok_sub.add_parser("train", help="train a sentencepiece model on corpus files",
-                               description="Train a sentencepiece tokenizer (pad=0 unk=1 bos=2 eos=3).")
+                               description="Train a sentencepiece tokenizer: pad=0 unk=1 bos=2 eos=3, then the "
+                                           "special symbols (default [CLS]=4 [SEP]=5 [MASK]=6, for BERT).")
     _add_input_args(train, ("train",))
     train.add_argument("--output", required=True, metavar="PREFIX",
                        help="output prefix: writes PREFIX.model and PREFIX.vocab")
     train.add_argument("--vocab-size", type=int, default=8000)
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    train.add_argument("--character-coverage", type=float, default=1.0)
+    train.add_argument("--character-coverage", type=float, default=1.0,
+                       help="fraction of characters covered by pieces (e.g. 0.9995 for CJK); the rest: bytes/unk")
+    train.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
+                       help="encode characters outside the vocabulary as byte pieces instead of <unk>")
     train.add_argument("--input-sentence-size", type=int, default=0,
                        help="sample this many lines for training (0: all; bounds memory on big corpora)")
+    train.add_argument("--shuffle-input-sentence", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --input-sentence-size, sample lines at random (seeded) instead of the first N")
+    train.add_argument("--special-symbols", default="[CLS],[SEP],[MASK]", metavar="A,B,...",
+                       help="comma-separated control symbols with ids 4, 5, ... (never produced from text); "
+                            "'' for none (default: %(default)s)")
+    train.add_argument("--user-defined-symbols", default="", metavar="A,B,...",
+                       help="comma-separated pieces always kept as one token when they occur in text")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--verbose", action="store_true", help="show sentencepiece's own training log")
     train.set_defaults(func=lambda args, overrides: _tokenizer_train(args))
@@ -92,4 +110,7 @@ def register(subparsers) -> None:
                       help="tar members (blocks) per shard; keep shards >= data-parallel ranks")
     prep.add_argument("--sequences-per-sample", type=int, default=64, help="sequences packed per tar member")
     prep.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
+    prep.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="tokenizer processes (default: min(4, CPUs); 0 or 1: in this process); "
+                           "the shards are identical for any N")
     prep.set_defaults(func=lambda args, overrides: _data_prepare(args))

@@ -9,16 +9,24 @@ Layout on disk (`output_dir/`):
 
 Why blocks of many sequences per tar member: reading costs ~100 µs per member, so one sequence per member caps
 a reader at ~10k sequences/s/core, while 64-100 per member reads as fast as a memory map (STACK_NOTES.md).
+
+Tokenization runs in worker processes (sentencepiece encodes ~1M tokens per CPU-second, the bottleneck); this
+process reads documents, hands them out in chunks, and writes the encoded chunks strictly in input order, so the
+bytes do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -26,12 +34,28 @@ from tqdm import tqdm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import Tokenizer, encode_documents, init_encode_worker
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # dtype name in the manifest -> (numpy little-endian dtype, tar member extension)
 DTYPES = {"uint16": ("<u2", "tokens.u16"), "int32": ("<i4", "tokens.i32")}
+# Documents per worker task: up to CHUNK_DOCS documents or CHUNK_CHARS characters (whichever comes first), so a
+# task is ~0.1-0.3 s of encoding whether documents are tweets or books. Output does not depend on these.
+CHUNK_DOCS = 256
+CHUNK_CHARS = 1 << 20
+# Chunks in flight per worker: enough to keep workers busy while this process writes, few enough to bound memory
+# (workers x 2 x 1 MiB of text).
+INFLIGHT_PER_WORKER = 2
+
+
+def default_workers() -> int:
+    """min(4, CPUs this process may use): tokenizing beyond ~4 workers is limited by the single writer."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # respects Slurm/cgroup CPU binding, unlike os.cpu_count()
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -58,6 +82,7 @@ def prepare_shards(
     sequences_per_sample: int = 64,
     text_key: str = "text",
     prefix: str = "shard",
+    workers: int | None = None,
 ) -> dict:
     """Tokenize `inputs` (paths or globs) into WebDataset shards under `output_dir`; return the manifest.
 
@@ -65,10 +90,18 @@ def prepare_shards(
     non-overlapping rows of `seq_length + 1` tokens (inputs and shifted targets); the final partial row is
     dropped. `sequences_per_sample` consecutive rows form one tar member (a WebDataset "sample"; the last may
     hold fewer), and `samples_per_shard` members form one shard. The same inputs and tokenizer give
-    byte-identical shards and manifest (fixed tar mtime, no PAX headers, no timestamps in the manifest).
+    byte-identical shards and manifest (fixed tar mtime, no PAX headers, no timestamps in the manifest), for
+    any number of `workers`.
+
+    `workers` tokenizer processes (default `default_workers()`; 0 or 1 encodes in this process, as does an
+    input that fits in one chunk). Workers are spawned, not forked (the caller may hold threads, e.g. torch's),
+    so a script calling this with workers > 1 needs the usual `if __name__ == "__main__":` guard.
     """
     _check_positive(seq_length=seq_length, samples_per_shard=samples_per_shard,
                     sequences_per_sample=sequences_per_sample)
+    workers = default_workers() if workers is None else workers
+    if not isinstance(workers, int) or workers < 0:
+        raise DataError(f"data prepare: workers must be an integer >= 0, got {workers!r}")
     if not prefix or "/" in prefix or "." in prefix:
         raise DataError(f"data prepare: prefix must be a plain name without '/' or '.', got {prefix!r}")
     files = expand_inputs(inputs)
@@ -89,7 +122,7 @@ def prepare_shards(
     carry = np.zeros(0, dtype=np.int64)  # tokens not yet filling a whole row
     pending: list[np.ndarray] = []  # complete rows not yet filling a whole block
     pending_rows = 0
-    num_docs = num_blocks = text_bytes = dropped_tokens = 0
+    num_docs = num_blocks = text_bytes = encoded_tokens = dropped_tokens = 0
     start = time.perf_counter()
 
     def write_block(rows: np.ndarray) -> None:
@@ -104,16 +137,25 @@ def prepare_shards(
     # mtime=0 (a TarWriter kwarg ShardWriter forwards): fixed member times and no PAX headers, so the bytes are
     # reproducible. verbose=0: tqdm reports progress instead of ShardWriter's per-shard prints. maxsize is left
     # at its 3 GB default as a safety valve; the manifest records whatever split actually happened.
-    # Tokenization runs in this process (~1M tokens/s, BPE). Parallel tokenizer workers feeding this single
-    # ordered writer are a follow-up; the output must stay identical when they land.
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0)
-    try:
-        docs = (doc for path in files for doc in read_documents(path, text_key=text_key))
-        for doc in tqdm(docs, desc="data prepare", unit="doc", mininterval=1.0):
-            num_docs += 1
-            text_bytes += len(doc.encode("utf-8"))
-            ids = np.asarray(tok.encode(doc) + [tok.eos_id], dtype=np.int64)
-            stream = np.concatenate([carry, ids])
+    docs = (doc for path in files for doc in read_documents(path, text_key=text_key))
+    used_workers = 0
+    with contextlib.ExitStack() as stack:
+        stack.callback(writer.close)
+        chunks = _chunks(docs)
+        first = list(itertools.islice(chunks, 2))
+        chunks = itertools.chain(first, chunks)
+        if workers > 1 and len(first) > 1:  # a pool costs ~0.5 s to start: not for inputs of one chunk
+            used_workers = workers
+            encoded = _encode_in_pool(chunks, tok, workers, stack)
+        else:
+            encoded = ((len(c), *encode_documents(c, tok)) for c in chunks)
+        bar = stack.enter_context(tqdm(desc="data prepare", unit="doc", mininterval=1.0))
+        for n_docs, n_bytes, ids in encoded:  # ids: int32 [tokens of n_docs documents, each followed by eos]
+            num_docs += n_docs
+            text_bytes += n_bytes
+            encoded_tokens += len(ids)
+            stream = np.concatenate([carry, ids.astype(np.int64)])
             n = len(stream) // row
             carry = stream[n * row:]
             if n:
@@ -125,11 +167,12 @@ def prepare_shards(
                 for i in range(0, full, sequences_per_sample):
                     write_block(rows[i: i + sequences_per_sample])
                 pending, pending_rows = [rows[full:]], len(rows) - full
+            bar.update(n_docs)
+            rate = encoded_tokens / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
         if pending_rows:
             write_block(np.concatenate(pending))  # the one short block, at the very end
         dropped_tokens = len(carry)
-    finally:
-        writer.close()
     if num_blocks == 0:
         for path in out.glob(f"{prefix}-*.tar"):  # ShardWriter opens its first shard eagerly
             path.unlink()
@@ -151,6 +194,14 @@ def prepare_shards(
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
+        # Added in place (format_version stays 1: readers of version 1 ignore keys they do not know). The
+        # batch builders take their special ids from here, so training needs no tokenizer file.
+        "bos_id": tok.bos_id,
+        "unk_id": tok.unk_id,
+        "cls_id": tok.cls_id,  # None (null) when the tokenizer has no [CLS]; likewise sep/mask
+        "sep_id": tok.sep_id,
+        "mask_id": tok.mask_id,
+        "special_ids": sorted(tok.special_ids),
         "num_documents": num_docs,
         "num_sequences": num_sequences,
         "num_tokens": num_sequences * row,  # tokens stored, each row seq_length + 1
@@ -162,7 +213,45 @@ def prepare_shards(
     os.replace(tmp, out / MANIFEST_NAME)  # atomic: readers never see a half-written manifest
 
     elapsed = max(time.perf_counter() - start, 1e-9)
+    how = f"{used_workers} workers" if used_workers else "in-process"
     print(f"data prepare: {num_docs} documents, {num_sequences * row} tokens, {num_sequences} sequences of "
           f"{row} tokens, {len(shards)} shard(s) in {out} ({elapsed:.1f}s, {text_bytes / 1e6 / elapsed:.1f} MB/s "
-          f"of text)", flush=True)
+          f"of text, {encoded_tokens / 1e6 / elapsed:.2f}M tokens/s, {how})", flush=True)
     return manifest
+
+
+def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
+    """Group documents into worker tasks of at most CHUNK_DOCS documents / CHUNK_CHARS characters."""
+    chunk: list[str] = []
+    chars = 0
+    for doc in docs:
+        chunk.append(doc)
+        chars += len(doc)
+        if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_in_pool(chunks: Iterable[list[str]], tok: Tokenizer, workers: int,
+                    stack: contextlib.ExitStack) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Encode chunks in `workers` processes; yield (documents, text bytes, ids) per chunk, in input order.
+
+    Why not `pool.imap(..., chunksize)`: its result queue grows without bound whenever this process writes
+    slower than the workers encode, and its feeder thread reads ahead of the writer. Here at most
+    `INFLIGHT_PER_WORKER * workers` chunks exist at a time, so memory stays bounded on any corpus size.
+    `stack` owns the pool: it is terminated when the caller's `with` exits, also on errors.
+    """
+    # spawn: forking a parent that holds threads (torch, tqdm's monitor) can deadlock the child.
+    ctx = multiprocessing.get_context("spawn")
+    pool = stack.enter_context(ctx.Pool(workers, initializer=init_encode_worker, initargs=(tok.model_proto(),)))
+    inflight: collections.deque = collections.deque()
+    for chunk in chunks:
+        inflight.append((len(chunk), pool.apply_async(encode_documents, (chunk,))))
+        if len(inflight) >= INFLIGHT_PER_WORKER * workers:
+            n, result = inflight.popleft()
+            yield n, *result.get()
+    while inflight:
+        n, result = inflight.popleft()
+        yield n, *result.get()

@@ -15,6 +15,7 @@ from data_pipeline.cli import register
 from data_pipeline.corpus import VALID_IDS, bundled_corpus_path, expand_inputs, extract_bundled, iter_records, \
     read_documents
 from data_pipeline.reader import ShardReader
+from data_pipeline import shards as shards_module
 from data_pipeline.shards import prepare_shards
 from data_pipeline.testing import build_tiny_dataset
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
@@ -87,7 +88,7 @@ def test_tokenizer_round_trip_and_ids(tiny):
     assert tok.sha256 == hashlib.sha256(tiny["tokenizer"].read_bytes()).hexdigest()
     text = "KING.\nWhat say'st thou,  my lord?\n\n\tAy — ünïcode ✓ 42\n"
     ids = tok.encode(text)
-    assert all(isinstance(i, int) and 3 < i < 400 for i in ids)
+    assert all(isinstance(i, int) and 6 < i < 400 for i in ids)  # never pad/unk/bos/eos nor [CLS] [SEP] [MASK]
     assert tok.decode(ids) == text  # lossless: newlines, double spaces, tabs, unseen chars via bytes
     assert tok.decode([tok.bos_id] + ids + [tok.eos_id]) == text
 
@@ -122,6 +123,9 @@ def test_manifest_fields_and_contents(tiny):
     assert m == tiny["manifest"]
     assert (m["format_version"], m["seq_length"], m["dtype"], m["sequences_per_sample"]) == (1, 32, "uint16", 8)
     assert (m["tokenizer_sha256"], m["vocab_size"]) == (tok.sha256, 400)
+    ids = {k: m[k] for k in ("pad_id", "unk_id", "bos_id", "eos_id", "cls_id", "sep_id", "mask_id")}
+    assert ids == {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3, "cls_id": 4, "sep_id": 5, "mask_id": 6}
+    assert m["special_ids"] == [0, 1, 2, 3, 4, 5, 6]
     names = [s["name"] for s in m["shards"]]
     assert names == [f"shard-{i:06d}.tar" for i in range(len(names))] and len(names) >= 6
     assert sum(s["sequences"] for s in m["shards"]) == m["num_sequences"]
@@ -166,6 +170,51 @@ def test_prepare_removes_stale_shards_and_rejects_tiny_corpus(tiny, tmp_path):
     assert not list((tmp_path / "s").glob("*.tar"))
 
 
+def _mixed_corpus(path):
+    """Documents of very different sizes (empty, one char, whole scenes, non-ASCII) to exercise chunking."""
+    plays = [text for text, _ in zip(read_documents(bundled_corpus_path()), range(3))]
+    docs = ["", "x", "ünïcode ✓ — ça va?\n\n"]
+    docs += [plays[i % 3][i * 700: i * 700 + 50 * i * i] for i in range(1, 30)]  # 50 .. 42,000 chars
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path, len(docs)
+
+
+def test_shards_identical_for_any_worker_count(tiny, tmp_path, monkeypatch, capsys):
+    corpus, num_docs = _mixed_corpus(tmp_path / "mixed.jsonl")
+    monkeypatch.setattr(shards_module, "CHUNK_DOCS", 3)  # ~11 tasks, so workers really share the input
+    monkeypatch.setattr(shards_module, "INFLIGHT_PER_WORKER", 1)  # and the bounded in-flight window wraps
+    results = {}
+    for workers in (0, 2, 3):
+        out = tmp_path / f"w{workers}"
+        manifest = prepare_shards([str(corpus)], str(tiny["tokenizer"]), str(out), 16, samples_per_shard=3,
+                                  sequences_per_sample=4, workers=workers)
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"{num_docs} documents" in summary and "tokens/s" in summary and "MB/s" in summary
+        assert ("in-process" if workers == 0 else f"{workers} workers") in summary
+        results[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        assert manifest["num_documents"] == num_docs and len(manifest["shards"]) >= 3
+    assert results[0] == results[2] == results[3]
+    # ... and equal to the plain definition: every document's ids then eos, one stream cut into rows of 17.
+    tok = Tokenizer(tiny["tokenizer"])
+    stream = [i for doc in read_documents(corpus) for i in tok.encode(doc) + [tok.eos_id]]
+    rows = [r for name in sorted(results[0]) if name.endswith(".tar")
+            for r in _tar_rows(tmp_path / "w0" / name, 17)[1]]
+    assert np.concatenate(rows).reshape(-1).tolist() == stream[: len(stream) // 17 * 17]
+
+
+def test_prepare_rejects_bad_workers_and_reports_bad_input_from_pool(tiny, tmp_path, monkeypatch):
+    corpus, num_docs = _mixed_corpus(tmp_path / "bad.jsonl")
+    with open(corpus, "a") as f:
+        f.write("not json\n")
+    monkeypatch.setattr(shards_module, "CHUNK_DOCS", 3)
+    with pytest.raises(DataError, match=rf"bad\.jsonl:{num_docs + 1}: not valid JSON"):  # no hang, one line
+        prepare_shards([str(corpus)], str(tiny["tokenizer"]), str(tmp_path / "out"), 16, workers=2)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with pytest.raises(DataError, match="workers must be an integer >= 0"):
+        prepare_shards([str(tiny["corpus"])], str(tiny["tokenizer"]), str(tmp_path), 32, workers=-1)
+    assert 1 <= shards_module.default_workers() <= 4
+
+
 # ----- CLI -----
 
 def _parse(argv):
@@ -181,8 +230,8 @@ def test_cli_tokenizer_and_prepare(tiny, tmp_path, capsys):
     assert Tokenizer(tmp_path / "tok.model").sha256 == Tokenizer(tiny["tokenizer"]).sha256
     args = _parse(["data", "prepare", "--input", str(tiny["corpus"]), "--tokenizer", str(tmp_path / "tok.model"),
                    "--output", str(tmp_path / "shards"), "--seq-length", "32", "--samples-per-shard", "5",
-                   "--sequences-per-sample", "8"])
-    assert args.func(args, []) == 0
+                   "--sequences-per-sample", "8", "--workers", "0"])
+    assert args.workers == 0 and args.func(args, []) == 0
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text()) == tiny["manifest"]
 
 
