@@ -16,6 +16,10 @@ _LAZY = {
     "Tokenizer": "tokenizer",
     "prepare_shards": "shards",
     "ShardReader": "reader",
+    "StreamReader": "stream",
+    "gpt_batch": "batches",
+    "bert_batch": "batches",
+    "txl_batch": "batches",
 }
 
 __all__ = ["DataError", *_LAZY]

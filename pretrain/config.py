@@ -94,6 +94,9 @@ class DataConfig:
     shuffle: bool = True
     #: Rows are shuffled within windows of this many consecutive tar members (blocks of packed sequences).
     shuffle_window_blocks: int = 8
+    #: GPT: restart position ids and block attention at each EOS (document end), no loss on the EOS input
+    #: position (Megatron's reset_position_ids + reset_attention_mask + eod_mask_loss).
+    reset_at_eos: bool = False
     #: A corrupt or missing shard: error (stop with a one-line message) or skip (warn, count in metrics).
     on_bad_shard: Literal["error", "skip"] = "error"
 

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.models import ModelSpec
+from pretrain.models import BatchFn, ModelSpec
 
 
 @torch.no_grad()
-def evaluate(model, spec: ModelSpec, reader, device: torch.device, max_batches: int = 0) -> dict[str, Any]:
+def evaluate(model, spec: ModelSpec, batch_fn: BatchFn, reader, device: torch.device,
+             max_batches: int = 0) -> dict[str, Any]:
     """Token-weighted mean loss over ``reader`` (one pass; ``max_batches`` > 0 caps it), summed over DP ranks.
 
     Returns ``{"loss", "ppl", "tokens"}``. ``model`` may be the DeepSpeed engine (ZeRO-3 gathers parameters in its
@@ -25,7 +26,7 @@ def evaluate(model, spec: ModelSpec, reader, device: torch.device, max_batches: 
     for i, rows in enumerate(reader):
         if max_batches and i >= max_batches:
             break
-        batch = spec.batch_fn(rows, device)
+        batch = batch_fn(rows, reader.last_indices, device)
         loss = spec.loss_fn(model(**batch["inputs"]), batch)
         tokens = batch["loss_mask"].sum()
         totals += torch.stack([loss.double() * tokens, tokens.double()])

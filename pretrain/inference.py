@@ -114,7 +114,8 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, max_batch
     if not data_dir:
         raise CheckpointError(f"{loaded.path}: the run has no data.valid; pass --data")
     reader = ShardReader(data_dir, micro_batch_size=loaded.cfg.train.micro_batch_size, shuffle=False, loop=False)
-    return evaluate(loaded.model, loaded.spec, reader, loaded.device, max_batches)
+    batch_fn = loaded.spec.make_batch_fn(loaded.cfg, reader.manifest)
+    return evaluate(loaded.model, loaded.spec, batch_fn, reader, loaded.device, max_batches)
 
 
 @torch.no_grad()

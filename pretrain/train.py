@@ -6,6 +6,7 @@ export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -64,14 +65,20 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
             shutil.copyfile(cfg.data.tokenizer, run_dir / "tokenizer.model")
     dist.barrier()
 
-    # Data: split by data-parallel rank, so TP/PP peers of one replica read identical batches.
+    # Data: one global sample order for the whole job; each data-parallel rank takes its slice of every global
+    # batch, so TP/PP peers of one replica read identical batches and the order survives a change of DP size.
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     tokenizer_sha = _sha256(cfg.data.tokenizer) if cfg.data.tokenizer else None
     reader_args = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                       seed=cfg.run.seed, num_workers=cfg.data.num_workers, expected_tokenizer_sha256=tokenizer_sha)
-    train_data = ShardReader(cfg.data.train[0].path, shuffle=cfg.data.shuffle, loop=True, **reader_args)
+                       seed=cfg.run.seed, num_workers=cfg.data.num_workers, expected_tokenizer_sha256=tokenizer_sha,
+                       on_bad_shard=cfg.data.on_bad_shard)
+    sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
+    train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
+                             shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, **reader_args)
     valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
     _check_data_matches_model(cfg, train_data)
+    accumulation = dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size)
+    assert train_data.accumulation == accumulation, (train_data.accumulation, accumulation)
 
     # Model and engine.
     spec = models.get(cfg.model.family)
@@ -87,11 +94,11 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
               f"device {device.device} {str(device.dtype).removeprefix('torch.')} | run dir {run_dir}", flush=True)
     return Trainer(
-        cfg, spec, engine, train_data, valid_data,
+        cfg, spec, spec.make_batch_fn(cfg, train_data.manifest), engine, train_data, valid_data,
         checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last),
         metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0),
         device=device.device,
-        accumulation=dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size),
+        accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),
         config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
         layout=layout,

@@ -22,7 +22,7 @@ from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, names
-from pretrain.models import ModelSpec
+from pretrain.models import BatchFn, ModelSpec
 from pretrain.optim import lr_at
 from pretrain.parallel.engine import verify_replicas
 
@@ -38,10 +38,11 @@ class TrainState:
 class Trainer:
     """Runs the loop: steps, logging, evaluation, checkpoints and signal-driven stops, in that order."""
 
-    def __init__(self, cfg: Config, spec: ModelSpec, engine, train_data, valid_data, checkpoints: CheckpointManager,
+    def __init__(self, cfg: Config, spec: ModelSpec, batch_fn: BatchFn, engine, train_data, valid_data,
+                 checkpoints: CheckpointManager,
                  metrics: MetricsLogger, device: torch.device, accumulation: int, flops_per_token: float,
                  config_yaml: str, layout: dict):
-        self.cfg, self.spec, self.engine = cfg, spec, engine
+        self.cfg, self.spec, self.batch_fn, self.engine = cfg, spec, batch_fn, engine
         self.train_data, self.valid_data = train_data, valid_data
         self.checkpoints, self.metrics, self.device = checkpoints, metrics, device
         self.accumulation, self.flops_per_token = accumulation, flops_per_token
@@ -100,7 +101,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for _ in range(self.accumulation):
-            batch = self.spec.batch_fn(next(batches), self.device)
+            batch = self.batch_fn(next(batches), self.train_data.last_indices, self.device)
             loss_sum += self.forward_backward(batch)
             tokens += batch["num_tokens"]
         self.engine.step()  # DeepSpeed: clip, reduce/partition per ZeRO stage, optimizer.step(), zero_grad
@@ -125,6 +126,9 @@ class Trainer:
             names.STEP_TIME_S: step_time,
             names.TOKENS_TOTAL: self.state.tokens,
             names.TFLOPS: tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12,
+            names.SKIPPED_SHARDS: self.train_data.skipped_shards,
+            **({names.DATA_FRACTIONS: [round(f, 4) for f in self.train_data.source_fractions()]}
+               if len(self.cfg.data.train) > 1 else {}),
         }
 
     def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -136,7 +140,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Validation loss and perplexity on data.valid; merged into the step's metrics record."""
-        result = evaluate(self.engine, self.spec, self.valid_data, self.device, self.cfg.train.eval_batches)
+        result = evaluate(self.engine, self.spec, self.batch_fn, self.valid_data, self.device,
+                          self.cfg.train.eval_batches)
         return {names.VAL_LOSS: result["loss"], names.VAL_PPL: result["ppl"]}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

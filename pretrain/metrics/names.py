@@ -10,6 +10,8 @@ TOKENS_TOTAL = "tokens_total"
 VAL_LOSS = "val_loss"
 VAL_PPL = "val_ppl"
 TFLOPS = "tflops_per_device"
+DATA_FRACTIONS = "data_fractions"  # achieved share of samples per blended source, in data.train order
+SKIPPED_SHARDS = "skipped_shards"  # corrupt/missing shards skipped under data.on_bad_shard=skip
 
 #: Keys every logged training step carries.
 REQUIRED = (STEP, LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S)

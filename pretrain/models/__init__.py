@@ -12,7 +12,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig
+from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig
+
+#: (rows int64 [b, s+1], global sample index of each row int64 [b], device) -> batch dict; batch["inputs"] are
+#: the model's keyword arguments, batch["loss_mask"] weights the loss, batch["num_tokens"] counts trained tokens.
+BatchFn = Callable[[np.ndarray, np.ndarray, torch.device], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,8 @@ class ModelSpec:
     name: str
     #: (model cfg, parallel cfg, params dtype, padded vocab size) -> torch.nn.Module for this rank.
     build: Callable[[ModelConfig, ParallelConfig, torch.dtype, int], torch.nn.Module]
-    #: (rows from the reader as int64 [b, s+1], device) -> batch dict; batch["inputs"] are the model's kwargs.
-    batch_fn: Callable[[np.ndarray, torch.device], dict[str, Any]]
+    #: (run config, data manifest) -> the BatchFn for this run (binds options such as special token ids).
+    make_batch_fn: Callable[[Config, dict], BatchFn]
     #: (model output, batch) -> scalar loss averaged over this rank's loss tokens.
     loss_fn: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
     #: (model cfg, padded vocab size) -> training FLOPs per token (forward + backward), for MFU.

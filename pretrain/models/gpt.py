@@ -12,8 +12,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from pretrain.config import ModelConfig, ParallelConfig
-from pretrain.models import ModelSpec, register
+from data_pipeline.batches import causal_mask, gpt_batch
+from pretrain.config import Config, ModelConfig, ParallelConfig
+from pretrain.models import BatchFn, ModelSpec, register
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -91,22 +92,35 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
 @functools.lru_cache(maxsize=8)
 def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     # [1, 1, s, s], True where attention is NOT allowed (megatron-core's convention). Passing it explicitly keeps
-    # megatron-core from building its default mask with a hard-coded CUDA device.
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), 1)[None, None]
+    # megatron-core from building its default mask with a hard-coded CUDA device. Cached: one per length/device.
+    return torch.from_numpy(causal_mask(seq_length)).to(device)
 
 
-def batch_fn(rows: np.ndarray, device: torch.device) -> dict[str, Any]:
-    """Packed causal-LM batch from reader rows [b, s+1]: predict token t+1 from tokens <= t."""
-    rows = torch.from_numpy(rows).to(device, non_blocking=True)
-    tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # [b, s] each
-    b, s = tokens.shape
-    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # [b, s]
+def batch_fn(rows: np.ndarray, device: torch.device, eos_id: int | None = None,
+             reset_at_eos: bool = False) -> dict[str, Any]:
+    """Packed causal-LM batch from reader rows [b, s+1]: predict token t+1 from tokens <= t.
+
+    ``reset_at_eos`` restarts positions and blocks attention at document ends (data_pipeline.batches.gpt_batch).
+    """
+    arrays = gpt_batch(rows, eos_id=eos_id, reset_at_eos=reset_at_eos)
+    b, s = arrays["tokens"].shape
+
+    def to(name: str) -> torch.Tensor:
+        return torch.from_numpy(arrays[name]).to(device, non_blocking=True)
+
+    mask = to("attention_mask") if reset_at_eos else _causal_mask(s, device)  # [b|1, 1, s, s]
     return {
-        "inputs": {"input_ids": tokens, "position_ids": position_ids, "attention_mask": _causal_mask(s, device),
-                   "labels": labels},
-        "loss_mask": torch.ones(b, s, dtype=torch.float32, device=device),  # every packed token is a target
+        "inputs": {"input_ids": to("tokens"), "position_ids": to("position_ids"), "attention_mask": mask,
+                   "labels": to("labels")},
+        "loss_mask": to("loss_mask"),  # [b, s]
         "num_tokens": b * s,
     }
+
+
+def make_batch_fn(cfg: Config, manifest: dict) -> BatchFn:
+    """GPT batches for this run: document resets per ``data.reset_at_eos`` with the shards' EOS id."""
+    eos_id, reset = manifest.get("eos_id"), cfg.data.reset_at_eos
+    return lambda rows, indices, device: batch_fn(rows, device, eos_id=eos_id, reset_at_eos=reset)
 
 
 def loss_fn(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -127,5 +141,5 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     return 3.0 * (l * (8 * h * h + mlp + 4 * s * h) + 2 * h * vocab_size)
 
 
-SPEC = register(ModelSpec(name="gpt", build=build, batch_fn=batch_fn, loss_fn=loss_fn,
+SPEC = register(ModelSpec(name="gpt", build=build, make_batch_fn=make_batch_fn, loss_fn=loss_fn,
                           flops_per_token=flops_per_token))

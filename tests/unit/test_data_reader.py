@@ -1,22 +1,39 @@
-"""ShardReader: determinism, DP split, exact resume, workers, and one-line errors for bad input."""
+"""ShardReader: global order, DP slicing, exact resume across dp/micro changes, blending, workers, URLs, bad input."""
 
 import itertools
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
 
 from data_pipeline import DataError, ShardReader
-from data_pipeline.testing import build_tiny_dataset
+from data_pipeline.corpus import iter_records
+from data_pipeline.shards import prepare_shards
+from data_pipeline.testing import build_tiny_dataset, write_corpus_slice
 
-B = 4  # micro-batch size
+GB = 8  # global batch size in most tests
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    # 13 shards: 12 x 40 sequences + 1 x 10, so a 3-way DP split is uneven.
+    # 13 shards of 5 blocks x 8 rows (33 tokens), the last one short.
     return build_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def others(tiny, tmp_path_factory):
+    """Two more sources with the same tokenizer and different documents (so their rows are distinguishable)."""
+    out, seen = [], [r["id"] for r in iter_records(tiny["corpus"])]
+    for k in (1, 2):
+        d = tmp_path_factory.mktemp(f"other{k}")
+        corpus = write_corpus_slice(d / "corpus.jsonl", num_docs=2, chars_per_doc=3000, skip_ids=tuple(seen))
+        seen += [r["id"] for r in iter_records(corpus)]
+        prepare_shards([str(corpus)], str(tiny["tokenizer"]), str(d / "shards"), 32, samples_per_shard=3,
+                       sequences_per_sample=8)
+        out.append(d / "shards")
+    return out
 
 
 @pytest.fixture
@@ -25,174 +42,331 @@ def shards(tiny, tmp_path):
     return shutil.copytree(tiny["shards"], tmp_path / "shards")
 
 
-def take(reader, n):
-    return list(itertools.islice(iter(reader), n))
+def manifest_rows(shard_dir):
+    """Every row in manifest order, read with plain tarfile (independent of the reader): int64 [N, 33]."""
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    rows = []
+    for info in manifest["shards"]:
+        with tarfile.open(shard_dir / info["name"]) as tar:
+            rows += [np.frombuffer(tar.extractfile(m).read(), "<u2").reshape(-1, 33) for m in tar]
+    return np.concatenate(rows).astype(np.int64)
 
 
-def rows_of(batches):
-    return [row.tobytes() for b in batches for row in b]
+def keyset(rows):
+    return {r.tobytes() for r in rows}
 
 
-def all_rows(tiny):
-    """Every sequence in the dataset (read unshuffled, one rank, batch size 1: no truncation)."""
-    return rows_of(ShardReader(str(tiny["shards"]), micro_batch_size=1, shuffle=False, loop=False))
+def reader(src, **kw):
+    return ShardReader(str(src) if not isinstance(src, (list, dict)) else src, **{"micro_batch_size": 2, **kw})
 
 
-def test_batches_shape_dtype_and_same_seed(tiny):
-    r = ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=7)
-    assert r.seq_length == 32 and r.steps_per_epoch == tiny["manifest"]["num_sequences"] // B == 490 // B
-    a = take(r, 30)
-    assert all(x.shape == (B, 33) and x.dtype == np.int64 for x in a)
-    b = take(ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=7), 30)
-    c = take(ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=8), 30)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+def ranks(src, dp, **kw):
+    return [reader(src, dp_rank=r, dp_size=dp, **kw) for r in range(dp)]
 
 
-def test_epoch_covers_every_row_once_and_reshuffles(tiny):
-    every = all_rows(tiny)
-    r = ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=3, loop=False)
-    e0 = rows_of(list(r))
-    e1 = rows_of(list(r))  # stateful: the second pass is epoch 1
-    assert len(e0) == len(e1) == (490 // B) * B and len(set(e0)) == len(e0)
-    assert set(e0) <= set(every) and set(e1) <= set(every)
-    assert e0 != e1 and e0 != every[: len(e0)]  # shuffled, differently per epoch
-    assert r.state_dict()["epoch"] == 2
+def steps(readers, n, its=None):
+    """n optimizer steps of every rank -> (global batches [n, GB, 33] with ranks concatenated, iterators)."""
+    its = its or [iter(r) for r in readers]
+    out = [np.concatenate([next(it) for r, it in zip(readers, its) for _ in range(r.accumulation)])
+           for _ in range(n)]
+    return np.stack(out), its
 
 
-def test_non_looping_pass_stopped_early_ends_the_epoch(tiny):
-    # Evaluation with a batch cap: every capped pass over an unshuffled reader sees the same batches.
-    r = ShardReader(str(tiny["shards"]), micro_batch_size=B, shuffle=False, loop=False)
-    first = take(r, 3)
-    assert r.state_dict()["epoch"] == 1 and r.state_dict()["batch_in_epoch"] == 0
-    again = take(r, 3)
-    assert all(np.array_equal(x, y) for x, y in zip(first, again))
-    assert len(list(r)) == r.steps_per_epoch
+def test_shape_dtype_and_seeded_determinism(tiny):
+    a, _ = steps([reader(tiny["shards"], seed=7, global_batch_size=GB)], 20)
+    b, _ = steps([reader(tiny["shards"], seed=7, global_batch_size=GB)], 20)
+    c, _ = steps([reader(tiny["shards"], seed=8, global_batch_size=GB)], 20)
+    r = reader(tiny["shards"])
+    first = next(iter(r))
+    assert first.shape == (2, 33) and first.dtype == np.int64 and r.seq_length == 32
+    assert r.last_indices.tolist() == [0, 1] and r.num_batches is None
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_unshuffled_order_is_the_shard_order(tiny):
-    batches = take(ShardReader(str(tiny["shards"]), micro_batch_size=B, shuffle=False), 3)
-    assert rows_of(batches) == all_rows(tiny)[: 3 * B]
+def test_epoch_is_a_permutation_and_unshuffled_is_manifest_order(tiny):
+    rows = manifest_rows(tiny["shards"])
+    n = len(rows)
+    r = reader(tiny["shards"], micro_batch_size=1, seed=3)
+    e0 = np.concatenate(list(itertools.islice(iter(r), n)))
+    assert sorted(keyset(e0)) == sorted(keyset(rows)) and len(keyset(e0)) == n
+    assert not np.array_equal(e0, rows)
+    plain = reader(tiny["shards"], micro_batch_size=1, shuffle=False)
+    assert np.array_equal(np.concatenate(list(itertools.islice(iter(plain), n + 5))), np.concatenate([rows, rows[:5]]))
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_dp_ranks_disjoint_equal_steps_uneven_shards(tiny, shuffle):
-    every = set(all_rows(tiny))
-    readers = [ShardReader(str(tiny["shards"]), micro_batch_size=B, dp_rank=r, dp_size=3, seed=1,
-                           shuffle=shuffle, loop=False) for r in range(3)]
-    # 13 shards over 3 ranks: at least 4 each; with shuffling the guarantee is the 4 smallest (10+40+40+40),
-    # without it the fixed split gives ranks 170, 160, 160 rows.
-    steps = 130 // B if shuffle else 160 // B
-    assert [r.steps_per_epoch for r in readers] == [steps] * 3
-    for _epoch in range(2):
-        per_rank = [rows_of(list(r)) for r in readers]
-        assert [len(p) for p in per_rank] == [steps * B] * 3
-        union = set().union(*per_rank)
-        assert len(union) == sum(len(p) for p in per_rank) and union <= every  # disjoint, real rows
+@pytest.mark.parametrize("dp", [2, 4])
+def test_dp_ranks_tile_each_global_batch_and_tp_peers_agree(tiny, dp):
+    ref, _ = steps([reader(tiny["shards"], micro_batch_size=GB, seed=1)], 70)  # dp=1: the global batches
+    rs = ranks(tiny["shards"], dp, seed=1, global_batch_size=GB, micro_batch_size=GB // dp // 2 or 1)
+    got, its = steps(rs, 70)
+    assert np.array_equal(got, ref)  # union over ranks == the dp=1 global batch, in rank order, every step
+    peer, _ = steps([reader(tiny["shards"], dp_rank=1, dp_size=dp, seed=1, global_batch_size=GB,
+                            micro_batch_size=rs[1].micro_batch_size)], 70)
+    lo = GB // dp
+    assert np.array_equal(peer[:, :lo], ref[:, lo: 2 * lo])  # a TP/PP peer of rank 1 sees rank 1's rows
+    assert rs[1].last_indices.tolist() == list(range(69 * GB + 2 * lo - rs[1].micro_batch_size, 69 * GB + 2 * lo))
+    assert all(r.state_dict() == rs[0].state_dict() for r in rs)  # the position does not depend on the rank
 
 
-def test_resume_mid_epoch_and_across_epoch_boundary(tiny):
-    steps = ShardReader(str(tiny["shards"]), micro_batch_size=B).steps_per_epoch
-    full = take(ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=5, dp_rank=1, dp_size=2), steps + 20)
-    for cut in (17, steps - 1, steps, steps + 3):
-        r = ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=5, dp_rank=1, dp_size=2)
-        head = take(r, cut)
-        state = json.loads(json.dumps(r.state_dict()))  # as a checkpoint stores it
-        resumed = ShardReader(str(tiny["shards"]), micro_batch_size=B, seed=5, dp_rank=1, dp_size=2)
-        resumed.load_state_dict(state)
-        tail = take(resumed, steps + 20 - cut)
-        assert all(np.array_equal(x, y) for x, y in zip(head + tail, full)), f"cut at {cut}"
+def blended(tiny, others):
+    return [{"path": str(tiny["shards"]), "weight": 0.7}, {"path": str(others[0]), "weight": 0.2},
+            {"manifest": str(others[1] / "manifest.json"), "weight": 0.1}]
 
 
-def test_state_dict_values_and_bad_position(tiny):
-    r = ShardReader(str(tiny["shards"]), micro_batch_size=B)
-    take(r, r.steps_per_epoch + 2)
-    assert r.state_dict()["epoch"] == 1 and r.state_dict()["batch_in_epoch"] == 2
-    with pytest.raises(DataError, match="batch_in_epoch=9999"):
-        r.load_state_dict({"epoch": 0, "batch_in_epoch": 9999})
-    with pytest.warns(UserWarning, match="micro_batch_size 8 -> 4"):
-        r.load_state_dict({"epoch": 0, "batch_in_epoch": 1, "micro_batch_size": 8})
+@pytest.mark.parametrize("before,after", [((2, 2), (2, 2)), ((2, 2), (1, 2)), ((1, 2), (2, 2)), ((2, 2), (2, 4))])
+def test_resume_exact_across_dp_and_micro_batch_changes(tiny, others, before, after):
+    src = blended(tiny, others)
+    ref, _ = steps([reader(src, micro_batch_size=GB, seed=5)], 80)
+    for cut in (3, 61):  # 61: the main source's first epoch (494 rows) ends inside step 62
+        head = ranks(src, before[0], micro_batch_size=before[1], global_batch_size=GB, seed=5)
+        got, _ = steps(head, cut)
+        state = json.loads(json.dumps(head[0].state_dict()))  # as a checkpoint stores it
+        assert state["consumed_samples"] == cut * GB and state["micro_batch"] == 0
+        tail = ranks(src, after[0], micro_batch_size=after[1], global_batch_size=GB, seed=5)
+        for r in tail:
+            r.load_state_dict(state)
+        rest, _ = steps(tail, 80 - cut)
+        assert np.array_equal(np.concatenate([got, rest]), ref), f"cut at step {cut}"
 
 
-def test_workers_give_the_same_stream(tiny):
-    kw = dict(micro_batch_size=B, seed=2, dp_rank=0, dp_size=2)
-    steps = ShardReader(str(tiny["shards"]), **kw).steps_per_epoch
-    ref = take(ShardReader(str(tiny["shards"]), **kw), steps + 9)  # crosses an epoch boundary
-    got = take(ShardReader(str(tiny["shards"]), num_workers=2, **kw), steps + 9)
-    assert all(np.array_equal(x, y) for x, y in zip(ref, got)) and len(got) == len(ref)
-    # Resume with workers from a position saved without them (odd offset: worker 0 starts mid-stream).
-    r = ShardReader(str(tiny["shards"]), num_workers=2, loop=False, **kw)
-    r.load_state_dict({"epoch": 0, "batch_in_epoch": 7})
-    rest = list(r)
-    assert len(rest) == steps - 7 and all(np.array_equal(x, y) for x, y in zip(rest, ref[7:steps]))
-    assert r.state_dict()["epoch"] == 1 and r.state_dict()["batch_in_epoch"] == 0
+def test_mid_step_state_and_global_batch_size_change(tiny):
+    ref = np.concatenate(list(itertools.islice(iter(reader(tiny["shards"], micro_batch_size=1, seed=2)), 200)))
+    r = reader(tiny["shards"], global_batch_size=GB, seed=2)  # 4 accumulation steps
+    head = np.concatenate(list(itertools.islice(iter(r), 7)))  # 1 step + 3 micro-batches
+    mid = r.state_dict()
+    assert mid["micro_batch"] == 3 and mid["consumed_samples"] == GB
+    again = reader(tiny["shards"], global_batch_size=GB, seed=2)
+    again.load_state_dict(mid)
+    assert np.array_equal(np.concatenate([head, next(iter(again))]), ref[:16])
+    with pytest.raises(DataError, match="mid global batch"):
+        reader(tiny["shards"], micro_batch_size=4, global_batch_size=GB, seed=2).load_state_dict(mid)
+    # A step boundary under a new global batch size: continues at consumed_samples in the same global sequence.
+    r2 = reader(tiny["shards"], global_batch_size=GB, seed=2)
+    list(itertools.islice(iter(r2), 12))
+    bigger = reader(tiny["shards"], micro_batch_size=4, global_batch_size=16, seed=2)
+    bigger.load_state_dict(r2.state_dict())
+    assert np.array_equal(np.concatenate(list(itertools.islice(iter(bigger), 8))), ref[24: 24 + 32])
+    assert bigger.last_indices.tolist() == list(range(52, 56))
 
 
-# ----- bad input: one-line DataError naming the file -----
-
-def assert_one_line(exc_info, name):
-    msg = str(exc_info.value)
-    assert "\n" not in msg and name in msg, msg
-
-
-def test_missing_manifest(tmp_path):
-    with pytest.raises(DataError) as e:
-        ShardReader(str(tmp_path), micro_batch_size=B)
-    assert_one_line(e, "manifest.json")
+def test_state_errors_and_changed_settings(tiny):
+    r = reader(tiny["shards"])
+    with pytest.raises(DataError, match="state version") as e:
+        r.load_state_dict({"epoch": 0, "batch_in_epoch": 3})
+    assert "\n" not in str(e.value)
+    with pytest.warns(UserWarning, match="seed 9 -> 0"):
+        r.load_state_dict({**r.state_dict(), "seed": 9})
+    with pytest.raises(DataError, match="2 sources"):
+        r.load_state_dict({**r.state_dict(), "counts": [0, 0], "positions": [0, 0]})
 
 
-def test_missing_shard(shards):
-    (shards / "shard-000004.tar").unlink()
-    with pytest.raises(DataError) as e:
-        ShardReader(str(shards), micro_batch_size=B)
-    assert_one_line(e, "shard-000004.tar")
+def test_blend_proportions_and_rows_come_from_the_chosen_source(tiny, others):
+    from tests.unit.test_data_sampler import reference_blend
+
+    src = blended(tiny, others)
+    sets = [keyset(manifest_rows(p)) for p in (tiny["shards"], *others)]
+    shared = (sets[0] & sets[1]) | (sets[0] & sets[2]) | (sets[1] & sets[2])  # e.g. a common Gutenberg header
+    assert len(shared) < 0.2 * min(map(len, sets))  # the sources are told apart by their rows
+    r = reader(src, micro_batch_size=100, seed=4)
+    rows = np.concatenate(list(itertools.islice(iter(r), 100)))  # 10k samples, each source loops epochs
+    assert np.abs(np.asarray(r.source_fractions()) - [0.7, 0.2, 0.1]).max() < 0.01
+    want = reference_blend([0.7, 0.2, 0.1], 10_000)
+    assert all(row.tobytes() in sets[d] for row, d in zip(rows, want))
+    assert r.state_dict()["counts"] == np.bincount(want).tolist()
 
 
-def test_truncated_shard_detected_at_open(shards):
-    path = shards / "shard-000002.tar"
-    path.write_bytes(path.read_bytes()[:3000])
-    with pytest.raises(DataError, match="truncated") as e:
-        ShardReader(str(shards), micro_batch_size=B, verify_checksums=False)
-    assert_one_line(e, "shard-000002.tar")
+def damage_sha(shards, name):
+    path = shards / name
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF  # same size, different bytes (inside token data)
+    path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_truncated_tar_detected_while_reading(shards, num_workers):
-    # Even with sizes and checksums out of the way, reading a cut tar fails cleanly.
+def test_skip_bad_shard_is_deterministic_counted_and_resumable(shards):
+    damage_sha(shards, "shard-000003.tar")
+    bad = keyset(manifest_rows(shards)[120:160])  # shard 3 holds rows 120..159
+    with pytest.raises(DataError, match="shard-000003.tar.*sha256"):
+        steps([reader(shards, micro_batch_size=GB, seed=1)], 80)
+    with pytest.warns(RuntimeWarning, match="shard-000003.tar"):
+        r = reader(shards, micro_batch_size=GB, seed=1, on_bad_shard="skip")
+        ref, _ = steps([r], 80)
+    assert r.skipped_shards == 1 and not keyset(ref.reshape(-1, 33)) & bad
+    epoch0 = keyset(ref.reshape(-1, 33)[: 494 - 40])
+    assert len(epoch0) == 494 - 40  # every other row once: the bad shard's rows are stepped over, not repeated
+    state = r.state_dict()
+    assert 40 <= state["positions"][0] - state["counts"][0] <= 80  # stream rows stepped over: not handed out
+    with pytest.warns(RuntimeWarning):
+        got, _ = steps(ranks(shards, 2, global_batch_size=GB, seed=1, on_bad_shard="skip"), 80)
+        assert np.array_equal(got, ref)  # every rank skips the same rows
+        in_workers = reader(shards, micro_batch_size=GB, seed=1, on_bad_shard="skip", num_workers=2)
+        assert np.array_equal(steps([in_workers], 80)[0], ref) and in_workers.skipped_shards == 1
+        head = ranks(shards, 2, global_batch_size=GB, seed=1, on_bad_shard="skip")
+        part, _ = steps(head, 30)
+        tail = reader(shards, micro_batch_size=4, global_batch_size=GB, seed=1, on_bad_shard="skip")
+        tail.load_state_dict(head[1].state_dict())
+        rest, _ = steps([tail], 50)
+        # Mid-step, after the skip: the state keeps the position of the step's start.
+        mid = reader(shards, global_batch_size=GB, seed=1, on_bad_shard="skip")
+        first = list(itertools.islice(iter(mid), 4 * 70 + 1))
+        again = reader(shards, global_batch_size=GB, seed=1, on_bad_shard="skip")
+        again.load_state_dict(mid.state_dict())
+        assert np.array_equal(next(iter(again)), ref[70, 2:4]) and np.array_equal(first[-1], ref[70, :2])
+    assert np.array_equal(np.concatenate([part, rest]), ref)
+
+
+def test_skip_truncated_tar_keeps_the_readable_blocks(shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     for s in manifest["shards"]:
         del s["bytes"]
     (shards / "manifest.json").write_text(json.dumps(manifest))
+    rows = manifest_rows(shards)
     path = shards / "shard-000000.tar"
-    path.write_bytes(path.read_bytes()[:3000])  # cut inside the 3rd member
-    r = ShardReader(str(shards), micro_batch_size=B, shuffle=False, verify_checksums=False,
-                    num_workers=num_workers)
-    with pytest.raises(DataError, match="truncated") as e:
-        take(r, 20)
-    assert_one_line(e, "shard-000000.tar")
+    path.write_bytes(path.read_bytes()[:3000])  # cut inside the 2nd of 5 members (1536 bytes each)
+    with pytest.warns(RuntimeWarning, match="shard-000000.tar"):
+        r = reader(shards, micro_batch_size=1, shuffle=False, loop=False, verify_checksums=False,
+                   on_bad_shard="skip")
+        got = np.concatenate(list(r))  # one pass: ends where the (shortened) epoch ends
+    kept = len(got) - (len(rows) - 40)  # rows kept from shard 0: whole blocks before the damage
+    assert kept in (8, 16) and np.array_equal(got, np.concatenate([rows[:kept], rows[40:]]))
+    assert r.skipped_shards == 1
 
 
-def test_checksum_mismatch(shards):
-    path = shards / "shard-000001.tar"
-    data = bytearray(path.read_bytes())
-    data[1000] ^= 0xFF  # same size, different bytes (inside token data)
-    path.write_bytes(bytes(data))
-    r = ShardReader(str(shards), micro_batch_size=B, shuffle=False)
+# ----- bad input: one-line DataError naming the file -----
+
+def one_line(exc_info, name):
+    msg = str(exc_info.value)
+    assert "\n" not in msg and name in msg, msg
+
+
+def test_missing_manifest_and_missing_or_resized_shard(tmp_path, shards):
+    with pytest.raises(DataError) as e:
+        reader(tmp_path)
+    one_line(e, "manifest.json")
+    (shards / "shard-000004.tar").unlink()
+    with pytest.raises(DataError, match="missing") as e:
+        reader(shards)
+    one_line(e, "shard-000004.tar")
+    path = shards / "shard-000002.tar"
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(DataError, match="3000 bytes, manifest.json says") as e:
+        reader(shards, on_bad_shard="error")
+    one_line(e, "shard-000002.tar")  # the first problem in manifest order
+    with pytest.warns(RuntimeWarning) as warned:  # skip: both are reported at open, on every rank alike
+        r = reader(shards, on_bad_shard="skip", verify_checksums=False)
+    assert r.skipped_shards == 2 and len(warned) == 2
+    assert "shard-000002.tar" in str(warned[0].message) and "shard-000004.tar" in str(warned[1].message)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_or_corrupt_tar_while_reading(shards, num_workers):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        del s["bytes"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cut = shards / "shard-000000.tar"
+    cut.write_bytes(cut.read_bytes()[:3000])
+    junk = shards / "shard-000001.tar"
+    data = bytearray(junk.read_bytes())
+    data[1536:1536 + 512] = b"\x07" * 512  # the 2nd member's header: garbage of the same size
+    junk.write_bytes(bytes(data))
+    for name, skip in (("shard-000000.tar", 0), ("shard-000001.tar", 40)):
+        r = reader(shards, micro_batch_size=4, shuffle=False, verify_checksums=False, num_workers=num_workers,
+                   shuffle_window_blocks=5)  # a window per shard: starting at shard 1 does not read shard 0
+        r.load_state_dict({**r.state_dict(), "consumed_samples": skip, "counts": [skip], "positions": [skip]})
+        with pytest.raises(DataError, match="truncated") as e:  # a garbage header reads as the archive's end
+            list(itertools.islice(iter(r), 20))
+        one_line(e, name)
+
+
+def test_checksum_and_tokenizer_mismatch(tiny, shards):
+    damage_sha(shards, "shard-000001.tar")
+    r = reader(shards, micro_batch_size=4, shuffle=False)
     with pytest.raises(DataError, match="sha256") as e:
-        take(r, 30)  # shard 1 holds rows 40..79
-    assert_one_line(e, "shard-000001.tar")
-
-
-def test_tokenizer_mismatch(tiny):
+        list(itertools.islice(iter(r), 20))  # shard 1 holds rows 40..79
+    one_line(e, "shard-000001.tar")
     with pytest.raises(DataError, match="tokenizer") as e:
-        ShardReader(str(tiny["shards"]), micro_batch_size=B, expected_tokenizer_sha256="0" * 64)
-    assert_one_line(e, "manifest.json")
-    ok = ShardReader(str(tiny["shards"]), micro_batch_size=B,
-                     expected_tokenizer_sha256=tiny["manifest"]["tokenizer_sha256"])
-    assert ok.manifest["tokenizer_sha256"] == tiny["manifest"]["tokenizer_sha256"]
+        reader(tiny["shards"], expected_tokenizer_sha256="0" * 64)
+    one_line(e, "manifest.json")
+    assert reader(tiny["shards"], expected_tokenizer_sha256=tiny["manifest"]["tokenizer_sha256"]).manifest
 
 
-def test_too_few_shards_for_dp_size(tiny):
-    with pytest.raises(DataError, match="13 shard.*dp_size=16") as e:
-        ShardReader(str(tiny["shards"]), micro_batch_size=B, dp_rank=0, dp_size=16)
-    assert_one_line(e, "manifest.json")
+def test_brace_pattern_and_pipe_urls_read_the_same_rows(tiny, shards):
+    d = tiny["shards"]
+    n = len(tiny["manifest"]["shards"])
+    ref, _ = steps([reader(d, micro_batch_size=GB, seed=6)], 70)
+    specs = [{"manifest": str(d / "manifest.json"), "shards": f"{d}/shard-{{000000..{n - 1:06d}}}.tar"},
+             {"path": str(d), "shards": f"file://{d}/shard-{{000000..{n - 1:06d}}}.tar", "weight": 2.0},
+             {"manifest": f"pipe:cat {d}/manifest.json",
+              "shards": [f"pipe:cat {d}/shard-{i:06d}.tar" for i in range(n)]}]
+    for spec in specs:
+        got, _ = steps([reader(spec, micro_batch_size=GB, seed=6)], 70)
+        assert np.array_equal(got, ref), spec
+    with pytest.raises(DataError, match="does not name manifest shard shard-000000.tar"):
+        reader({"manifest": str(d), "shards": f"{d}/shard-{{000001..{n:06d}}}.tar"})
+    with pytest.raises(DataError, match="needs shards="):
+        reader({"manifest": f"pipe:cat {d}/manifest.json"})
+    # Non-local shards: sha256 checked while streaming; a failing command is an error too.
+    damage_sha(shards, "shard-000001.tar")
+    (shards / "shard-000002.tar").unlink()
+    for bad, name in ((1, "sha256"), (2, "truncated or corrupt")):
+        urls = [f"pipe:cat {shards}/shard-{i:06d}.tar" for i in range(n)]
+        r = reader({"manifest": str(shards), "shards": urls}, micro_batch_size=4, shuffle=False,
+                   shuffle_window_blocks=5)
+        r.load_state_dict({**r.state_dict(), "consumed_samples": 40 * bad, "counts": [40 * bad],
+                           "positions": [40 * bad]})
+        with pytest.raises(DataError, match=name) as e:
+            list(itertools.islice(iter(r), 10))
+        one_line(e, f"shard-{bad:06d}.tar")
+
+
+@pytest.mark.parametrize("item_rows", [1, 256])  # 1: worker items alternate per micro-batch
+def test_workers_give_the_same_stream_and_positions(tiny, others, item_rows, monkeypatch):
+    import data_pipeline.reader as reader_module
+
+    monkeypatch.setattr(reader_module, "WORKER_ITEM_ROWS", item_rows)
+    src = blended(tiny, others)
+    kw = dict(micro_batch_size=1, global_batch_size=6, dp_rank=1, dp_size=2, seed=2)  # 3 micro-batches a step
+    r0, r2 = reader(src, **kw), reader(src, num_workers=2, **kw)
+    a = list(itertools.islice(iter(r0), 250))  # 83 steps and a bit: crosses the main source's epoch boundary
+    b = list(itertools.islice(iter(r2), 250))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(b) == 250
+    assert r0.state_dict() == r2.state_dict() and np.array_equal(r0.last_indices, r2.last_indices)
+    assert r0.state_dict()["micro_batch"] == 1  # mid-step: workers resume from there, round-robin shifted
+    resumed = reader(src, num_workers=2, **kw)
+    resumed.load_state_dict(r0.state_dict())
+    more = list(itertools.islice(iter(resumed), 7))
+    assert all(np.array_equal(x, y) for x, y in zip(more, list(itertools.islice(iter(r0), 7))))
+
+
+def test_validation_reader_fixed_order_and_restartable(tiny):
+    rows = manifest_rows(tiny["shards"])
+    val = ranks(tiny["shards"], 2, micro_batch_size=4, shuffle=False, loop=False)
+    assert val[0].num_batches == 494 // 8  # global batch = micro * dp; the last partial one is dropped
+    passes = [[list(r) for r in val] for _ in range(2)]
+    for per_rank in passes:
+        assert [len(p) for p in per_rank] == [val[0].num_batches] * 2
+        merged = np.concatenate([np.concatenate(pair) for pair in zip(*per_rank)])
+        assert np.array_equal(merged, rows[: 61 * 8])
+    capped = list(itertools.islice(iter(val[0]), 3))  # an eval capped at 3 batches: the next pass restarts
+    assert all(np.array_equal(x, y) for x, y in zip(capped, passes[0][0]))
+    assert np.array_equal(next(iter(val[0])), passes[0][0][0])
+    with pytest.raises(ValueError, match="exactly one"):
+        ShardReader([str(tiny["shards"])] * 2, micro_batch_size=4, loop=False)
+
+
+def test_resume_seeks_without_opening_earlier_shards(tiny, monkeypatch):
+    import data_pipeline.reader as reader_module
+
+    opened = []
+    real = reader_module.read_shard
+
+    def spy(src, shard, start_block=0, *args, **kwargs):
+        opened.append((shard, start_block))
+        return real(src, shard, start_block, *args, **kwargs)
+
+    monkeypatch.setattr(reader_module, "read_shard", spy)
+    r = reader(tiny["shards"], micro_batch_size=4, shuffle=False, shuffle_window_blocks=5)  # window = shard
+    r.load_state_dict({**r.state_dict(), "consumed_samples": 440, "counts": [440], "positions": [440]})
+    first = next(iter(r))
+    assert np.array_equal(first, manifest_rows(tiny["shards"])[440:444])
+    assert opened == [(11, 0)]  # row 440 starts shard 11 (and its window): nothing earlier is opened

@@ -23,7 +23,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def test_registry_has_gpt():
     spec = models.get("gpt")
     assert spec is gpt.SPEC and spec.name == "gpt"
-    assert spec.build is gpt.build and spec.batch_fn is gpt.batch_fn
+    assert spec.build is gpt.build and spec.make_batch_fn is gpt.make_batch_fn
     assert spec.loss_fn is gpt.loss_fn and spec.flops_per_token is gpt.flops_per_token
 
 
@@ -228,3 +228,29 @@ def test_gpt_trains_a_step(tiny):
         opt.step()
         losses.append(loss.item())
     assert losses[2] < losses[0] - 0.05, losses
+
+
+def test_reset_at_eos_isolates_documents_in_the_model(tiny):
+    """With data.reset_at_eos the second document's losses do not depend on the first document's tokens."""
+    from pretrain.config import Config, DataConfig
+
+    _, model = tiny
+    eos = 3
+    batch_fn = gpt.make_batch_fn(Config(data=DataConfig(reset_at_eos=True)), {"eos_id": eos})
+    rows = np.random.default_rng(3).integers(10, 128, size=(1, 17), dtype=np.int64)
+    rows[0, 6] = eos  # document 1 = tokens 0..6, document 2 starts at 7
+    changed = rows.copy()
+    changed[0, :6] = np.random.default_rng(4).integers(10, 128, size=6)
+    model.eval()
+    try:
+        with torch.no_grad():
+            a = model(**batch_fn(rows, np.arange(1), DEVICE)["inputs"])
+            b = model(**batch_fn(changed, np.arange(1), DEVICE)["inputs"])
+            plain = gpt.make_batch_fn(Config(), {"eos_id": eos})
+            c = model(**plain(rows, np.arange(1), DEVICE)["inputs"])
+            d = model(**plain(changed, np.arange(1), DEVICE)["inputs"])
+    finally:
+        model.train()
+    assert torch.equal(a[0, 7:], b[0, 7:])  # positions restart and attention stops at the EOS
+    assert not torch.allclose(c[0, 7:], d[0, 7:])  # without resets the documents see each other
+    assert batch_fn(rows, np.arange(1), DEVICE)["loss_mask"][0, 6] == 0  # no loss on the EOS input position

@@ -1,0 +1,125 @@
+"""StreamReader: Transformer-XL ordered lanes, contiguous across segments, restarts, dp changes and epochs."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from data_pipeline import DataError
+from data_pipeline.stream import StreamReader
+from data_pipeline.testing import build_tiny_dataset
+from tests.unit.test_data_reader import damage_sha, manifest_rows
+
+BATCH, TGT = 4, 10
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def reference_segments(shard_dir, batch_size, tgt_len):
+    """The reference LMOrderedIterator layout, from rows read with plain tarfile: [segments, batch, tgt+1]."""
+    stream = manifest_rows(shard_dir).reshape(-1)  # rows are cut from one stream without overlap
+    n_step = len(stream) // batch_size
+    data = stream[: n_step * batch_size].reshape(batch_size, n_step)  # [b, L]: lane b = b-th contiguous part
+    return np.stack([data[:, i: i + tgt_len + 1] for i in range(0, n_step - tgt_len, tgt_len)])
+
+
+def take(reader, n, it=None):
+    it = it or iter(reader)
+    return np.stack(list(itertools.islice(it, n))), it
+
+
+def test_segments_follow_the_reference_layout_and_loop_epochs(tiny):
+    ref = reference_segments(tiny["shards"], BATCH, TGT)
+    r = StreamReader(str(tiny["shards"]), batch_size=BATCH, tgt_len=TGT)
+    assert r.segments_per_epoch == len(ref) == (16302 // BATCH - 1) // TGT
+    got, it = take(r, len(ref) - 1)
+    assert got.dtype == np.int64 and got.shape[1:] == (BATCH, TGT + 1)
+    assert np.array_equal(got, ref[:-1])
+    assert np.array_equal(got[1:, :, 0], got[:-1, :, -1])  # row b of segment k+1 continues row b of segment k
+    assert r.reset_lanes is False
+    last, _ = take(r, 2, it)  # the epoch's last segment, then the lanes restart
+    assert np.array_equal(last[0], ref[-1]) and np.array_equal(last[1], ref[0])
+    assert r.reset_lanes is True and r.state_dict()["epoch"] == 1
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_dp_ranks_hold_their_lanes(tiny, dp):
+    ref = reference_segments(tiny["shards"], BATCH, TGT)
+    per_rank = [take(StreamReader(str(tiny["shards"]), batch_size=BATCH, tgt_len=TGT, dp_rank=k, dp_size=dp), 30)[0]
+                for k in range(dp)]
+    assert all(p.shape == (30, BATCH // dp, TGT + 1) for p in per_rank)
+    assert np.array_equal(np.concatenate(per_rank, axis=1), ref[:30])
+
+
+@pytest.mark.parametrize("before,after", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_restart_is_exact_across_dp_changes_and_epochs(tiny, before, after):
+    ref = reference_segments(tiny["shards"], BATCH, TGT)
+    S = len(ref)
+    for cut in (5, S - 2, S + 3):
+        head = StreamReader(str(tiny["shards"]), batch_size=BATCH, tgt_len=TGT, dp_size=before)
+        take(head, cut)
+        state = json.loads(json.dumps(head.state_dict()))
+        tails = [StreamReader(str(tiny["shards"]), batch_size=BATCH, tgt_len=TGT, dp_rank=k, dp_size=after)
+                 for k in range(after)]
+        for t in tails:
+            t.load_state_dict(state)
+        rest = np.concatenate([take(t, 4)[0] for t in tails], axis=1)
+        want = np.stack([ref[(cut + i) % S] for i in range(4)])
+        assert np.array_equal(rest, want), f"cut at {cut}"
+        assert tails[0].reset_lanes == ((cut + 3) % S == 0)
+
+
+def test_lanes_seek_without_reading_earlier_shards(tiny, monkeypatch):
+    import data_pipeline.stream as stream_module
+
+    opened = []
+    real = stream_module.read_shard
+
+    def spy(src, shard, start_block=0, *args, **kwargs):
+        opened.append((shard, start_block))
+        return real(src, shard, start_block, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "read_shard", spy)
+    r = StreamReader(str(tiny["shards"]), batch_size=2, tgt_len=TGT, dp_rank=1, dp_size=2)
+    r.load_state_dict({**r.state_dict(), "offset": 2000})
+    seg = next(iter(r))
+    stream = manifest_rows(tiny["shards"]).reshape(-1)
+    start = 16302 // 2 + 2000  # lane 1 begins half way through the stream
+    assert np.array_equal(seg[0], stream[start: start + TGT + 1])
+    shard, block = divmod(start // 33 // 8, 5)  # rows of 33 tokens, 8 per block, 5 blocks per shard
+    assert opened == [(shard, block)]  # straight to the block: no earlier shard or block is read
+
+
+def test_validation_pass_and_errors(tiny, tmp_path):
+    ref = reference_segments(tiny["shards"], BATCH, TGT)
+    once = StreamReader(str(tiny["shards"]), batch_size=BATCH, tgt_len=TGT, loop=False)
+    assert np.array_equal(np.stack(list(once)), ref)
+    assert np.array_equal(next(iter(once)), ref[0])  # every pass starts at the beginning
+    with pytest.raises(DataError, match="batch_size 4"):
+        once.load_state_dict({"version": 1, "epoch": 0, "offset": 0, "batch_size": 8, "tgt_len": TGT})
+    with pytest.raises(DataError, match="no segment"):
+        StreamReader(str(tiny["shards"]), batch_size=4000, tgt_len=TGT)
+    with pytest.raises(DataError, match="tokenizer") as e:
+        StreamReader(str(tiny["shards"]), batch_size=BATCH, tgt_len=TGT, expected_tokenizer_sha256="0" * 64)
+    assert "\n" not in str(e.value) and "manifest.json" in str(e.value)
+    shards = shutil.copytree(tiny["shards"], tmp_path / "shards")
+    damage_sha(shards, "shard-000000.tar")
+    with pytest.raises(DataError, match="sha256") as e:
+        next(iter(StreamReader(str(shards), batch_size=BATCH, tgt_len=TGT)))
+    assert "\n" not in str(e.value) and "shard-000000.tar" in str(e.value)
+    (shards / "shard-000003.tar").unlink()
+    with pytest.raises(DataError, match="missing") as e:
+        StreamReader(str(shards), batch_size=BATCH, tgt_len=TGT)
+    assert "shard-000003.tar" in str(e.value)
+
+
+def test_pipe_urls_give_the_same_stream(tiny):
+    d, n = tiny["shards"], len(tiny["manifest"]["shards"])
+    spec = {"manifest": f"pipe:cat {d}/manifest.json", "shards": [f"pipe:cat {d}/shard-{i:06d}.tar" for i in range(n)]}
+    got, _ = take(StreamReader(spec, batch_size=BATCH, tgt_len=TGT), 20)
+    assert np.array_equal(got, reference_segments(d, BATCH, TGT)[:20])
