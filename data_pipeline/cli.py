@@ -107,7 +107,7 @@ def register(subparsers) -> None:
     prep.add_argument("--output", required=True, metavar="DIR", help="directory for shards and manifest.json")
     prep.add_argument("--seq-length", type=int, required=True, help="tokens per training sequence (rows hold +1)")
     prep.add_argument("--samples-per-shard", type=int, default=2048,
-                      help="tar members (blocks) per shard; keep shards >= data-parallel ranks")
+                      help="tar members (blocks of --sequences-per-sample rows) per shard")
     prep.add_argument("--sequences-per-sample", type=int, default=64, help="sequences packed per tar member")
     prep.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
     prep.add_argument("--workers", type=int, default=None, metavar="N",

@@ -33,6 +33,7 @@ import webdataset as wds
 from webdataset import tariterators
 from webdataset.gopen import gopen, set_options
 
+from data_pipeline import tario
 from data_pipeline.errors import DataError
 from data_pipeline.shards import DTYPES, FORMAT_VERSION, MANIFEST_NAME, file_sha256
 
@@ -198,8 +199,10 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
                verifier: Verifier | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (block, rows [n, seq_length + 1]) for blocks >= start_block of one shard, checking as it goes.
 
-    Local shards: sha256 checked before the first row (once per process). Other URLs: sha256 computed while
-    streaming and checked at the end of the shard (after its last block). Earlier blocks are read, not decoded.
+    Local shards: sha256 checked before the first row (once per process), then read with `tarfile` random
+    access (tario.py): members before start_block are not read. Other URLs (and compressed local tars) stream
+    through webdataset; their sha256 is computed while streaming and checked at the end of the shard (after its
+    last block), and earlier blocks are read, not decoded.
     """
     info, url, m = src.manifest["shards"][shard], src.urls[shard], src.manifest
     local = is_local(url)
@@ -209,12 +212,15 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
     spp, row = m["sequences_per_sample"], src.row
     hasher = hashlib.sha256() if verify and not local and "sha256" in info else None
     try:
-        stream = gopen(url)
+        stream = open(local_path(url), "rb") if local else gopen(url)
     except Exception as exc:
         raise DataError(f"{url}: cannot open shard ({type(exc).__name__}: {exc})") from None
     wrapped, complete = _ChunkedReader(stream, hasher), False
     try:
-        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": wrapped}]))
+        if local and tario.seekable_plain_tar(stream):
+            samples = tario.iter_samples(stream, start_block)
+        else:
+            samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": wrapped}]))
         pos = 0
         for sample in samples:
             if pos >= info["blocks"]:
@@ -241,7 +247,8 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
         detail = str(exc.args[0]) if exc.args else type(exc).__name__
         raise DataError(f"{url}: truncated or corrupt tar ({type(exc).__name__}: {detail})") from None
     finally:
-        set_options(stream, ignore_errors=not complete)  # an abandoned pipe dies of SIGPIPE: fine
+        if not local:
+            set_options(stream, ignore_errors=not complete)  # an abandoned pipe dies of SIGPIPE: fine
         try:
             stream.close()
         except Exception as exc:
