@@ -260,9 +260,9 @@ class ShardReader:
     def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray,
                 dtype: type) -> np.ndarray:
         """Advance every source through one global batch; return the wanted rows in order, as `dtype`."""
-        if len(cursors) == 1:  # the common case, without the scatter
-            return cursors[0].read(wanted).astype(dtype, copy=False).reshape(-1, self.seq_length + 1)
         out = np.empty((int(wanted.sum()), self.seq_length + 1), dtype=dtype)
+        if len(cursors) == 1:  # the common case: rows are converted to `dtype` as they are copied into `out`
+            return cursors[0].read(wanted, out)
         dest = np.cumsum(wanted) - 1  # [GB] global batch position -> row of out
         for d, cursor in enumerate(cursors):
             where = np.flatnonzero(assign == d)
@@ -272,6 +272,10 @@ class ShardReader:
                 if len(rows):
                     out[dest[where[keep]]] = rows
         return out
+
+    def _wire_dtype(self) -> np.dtype:
+        """The shards' own token dtype (uint16 unless a source is int32): rows stay in it until `__iter__`."""
+        return np.result_type(*(np.dtype(DTYPES[s.manifest["dtype"]][0]) for s in self.sources))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield micro-batches from the current position (see the class docstring for loop=False)."""
@@ -312,7 +316,7 @@ class _WorkerStream:
         info, r = torch.utils.data.get_worker_info(), self.reader
         group = max(1, WORKER_ITEM_ROWS // r.micro_batch_size)
         # Ship the shards' own dtype (uint16: 4x less to pickle through the pipe); the main process widens.
-        wire = np.result_type(*(np.dtype(DTYPES[s.manifest["dtype"]][0]) for s in r.sources))
+        wire = r._wire_dtype()
         items: list[tuple] = []
         try:
             for item in r._produce(self.start, info.id, info.num_workers, wire, group):

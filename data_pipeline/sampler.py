@@ -119,8 +119,8 @@ class SourceCursor:
         self.plan, self._read_window, self.loop, self.name = plan, read_window, loop, name
         self._target = int(position)  # where to start: resolved lazily on the first read
         self._window: Window | None = None
-        self._rows = self._take = self._pos = None  # window rows, readable row per position, positions
-        self._i = 0  # next entry of _take / _pos
+        self._rows = self._pos = None  # the window's readable rows in stream order, and their positions
+        self._i = 0  # next entry of _rows / _pos
         self._empty_windows = 0  # consecutive windows without a readable row: a whole epoch of them is fatal
 
     @property
@@ -140,14 +140,11 @@ class SourceCursor:
         arrays = self._read_window(win)
         sizes = [r for _, _, r in win.blocks]
         ok = np.repeat([a is not None for a in arrays], sizes)  # [window rows]: row readable?
-        avail = np.cumsum(ok) - 1  # window row -> index among the readable rows
         keep = ok[win.order]  # [window rows]: stream position readable?
-        readable = [a for a in arrays if a is not None]
-        self._rows = np.concatenate(readable) if readable else None  # [readable rows, seq_length + 1]
-        self._take = avail[win.order][keep]  # row of self._rows for each readable position, in stream order
-        self._pos = win.start + np.flatnonzero(keep)  # their positions within the epoch
+        self._rows = _in_stream_order(arrays, sizes, win.order[keep])  # [readable rows, seq_length + 1]
+        self._pos = win.start + np.flatnonzero(keep)  # positions (within the epoch) of the readable rows
         self._window, self._i = win, 0
-        self._empty_windows = 0 if len(self._take) else self._empty_windows + 1
+        self._empty_windows = 0 if len(self._pos) else self._empty_windows + 1
         if self._empty_windows > self.plan.windows_per_epoch:
             raise DataError(f"{self.name}: no readable shard in a whole epoch (all skipped as bad)")
 
@@ -157,27 +154,58 @@ class SourceCursor:
             epoch, row = divmod(self._target, self.plan.rows_per_epoch)
             self._load(epoch, self.plan.window_of(epoch, row))
             self._i = int(np.searchsorted(self._pos, row))
-        while self._i >= len(self._take):
+        while self._i >= len(self._pos):
             win = self._window
             if win.index + 1 < self.plan.windows_per_epoch:
                 self._load(win.epoch, win.index + 1)
             else:
                 self._load(win.epoch + 1, 0)
 
-    def read(self, keep: np.ndarray) -> np.ndarray:
-        """Consume len(keep) rows; return those where keep is True: [keep.sum(), seq_length + 1]."""
-        parts, done, n = [], 0, len(keep)
+    def read(self, keep: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Consume len(keep) rows; return those where keep is True: [keep.sum(), seq_length + 1].
+
+        With `out` ([keep.sum(), seq_length + 1], any dtype) the rows are written (converted) into it, one pass
+        over the data; without, the result may be a view of the current window (no copy).
+        """
+        parts, done, n, filled = [], 0, len(keep), 0
         while done < n:
             self._ensure()
-            chunk = min(n - done, len(self._take) - self._i)
-            sel = self._take[self._i: self._i + chunk][keep[done: done + chunk]]
-            if len(sel):
-                parts.append(self._rows[sel])
+            chunk = min(n - done, len(self._pos) - self._i)
+            rows, k = self._rows[self._i: self._i + chunk], keep[done: done + chunk]  # a view: consecutive rows
+            if not k.all():
+                rows = rows[k]
+            if out is not None:
+                out[filled: filled + len(rows)] = rows
+                filled += len(rows)
+            elif len(rows):
+                parts.append(rows)
             self._i += chunk
             done += chunk
+        if out is not None:
+            return out
         if not parts:
             return np.zeros((0, 0), dtype=np.uint16)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _in_stream_order(arrays: list, sizes: list[int], src: np.ndarray) -> np.ndarray | None:
+    """The window's readable rows in stream order: row i is row src[i] of the blocks concatenated.
+
+    Rows go straight from each block into their stream slots (one copy): concatenating the blocks first and
+    then gathering would copy every row twice. src only names rows of readable blocks.
+    """
+    first = next((a for a in arrays if a is not None), None)
+    if first is None:
+        return None
+    out = np.empty((len(src), first.shape[1]), dtype=first.dtype)
+    slot = np.empty(sum(sizes), dtype=np.int64)  # [window rows]: stream slot of each readable block row
+    slot[src] = np.arange(len(src))
+    start = 0
+    for a, n in zip(arrays, sizes):  # each block's rows land in their slots with one contiguous read
+        if a is not None:
+            out[slot[start: start + n]] = a
+        start += n
+    return out
 
 
 def blend(weights: Sequence[float], start: int, counts: np.ndarray, n: int) -> np.ndarray:

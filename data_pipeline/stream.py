@@ -166,10 +166,12 @@ class _ChunkedReader:
 
 
 class Verifier:
-    """sha256 of local shard files, checked once per process before first use; the next shard is hashed ahead
-    in a thread (hashlib releases the GIL), so checking overlaps reading."""
+    """What one reader learns about its local shard files. sha256: checked once per process before first use;
+    the next shard is hashed ahead in a thread (hashlib releases the GIL), so checking overlaps reading.
+    `tar_index`: each fully read shard's member table (tario.py), so later epochs skip header parsing."""
 
     def __init__(self):
+        self.tar_index: dict = {}
         self._done: dict[str, bool] = {}
         self._pending: dict[str, concurrent.futures.Future] = {}
         self._pool, self._pid = None, None
@@ -218,7 +220,7 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
     wrapped, complete = _ChunkedReader(stream, hasher), False
     try:
         if local and tario.seekable_plain_tar(stream):
-            samples = tario.iter_samples(stream, start_block)
+            samples = tario.iter_samples(stream, start_block, verifier.tar_index if verifier else None)
         else:
             samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": wrapped}]))
         pos = 0

@@ -14,6 +14,7 @@ within a sample is an error, so `stream.read_shard` checks and yields the same b
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from typing import BinaryIO, Iterator
@@ -23,6 +24,7 @@ from webdataset.tariterators import base_plus_ext
 # Compressed tars stay on webdataset's stream path (random access into a compressed stream re-decompresses).
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator default skip_meta
+_INDEX_SHARDS = 100_000  # member tables kept per index: a bound on memory (~100 bytes per member)
 
 
 def seekable_plain_tar(f: BinaryIO) -> bool:
@@ -32,20 +34,24 @@ def seekable_plain_tar(f: BinaryIO) -> bool:
     return not head.startswith(_COMPRESSED_MAGIC)
 
 
-def iter_samples(f: BinaryIO, read_from: int = 0) -> Iterator[dict]:
+def iter_samples(f: BinaryIO, read_from: int = 0, index: dict | None = None) -> Iterator[dict]:
     """Yield webdataset-style samples `{"__key__": key, suffix: bytes, ...}` of the tar in `f`, in order.
 
     Samples before index `read_from` come with `None` instead of their bytes (not read: a resume skips them).
     A truncated archive raises `tarfile.ReadError` or `EOFError` where the stream path would; a corrupt header
-    after the first reads as the archive's end, as it does in tarfile's stream mode.
+    after the first reads as the archive's end, as it does in tarfile's stream mode. `index` (a dict owned by
+    the caller, e.g. one per reader): member tables of files fully scanned before, keyed by file identity, so
+    later epochs skip tarfile's header parsing (~40% of reading a shard of 262 KB members).
     """
-    tar = tarfile.open(fileobj=f, mode="r:")  # parses the first header now; the rest lazily, as iterated
-    index, sample = -1, None
-    for member in tar:
-        name = member.name
-        if not member.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")) \
-                or _SKIP_META.match(name):
-            continue
+    st = os.fstat(f.fileno())
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file gets a new key
+    members = index.get(key) if index is not None else None
+    table: list | None = None
+    if members is None:
+        table = [] if index is not None else None
+        members = _scan(f, table)
+    index_no, sample = -1, None
+    for name, offset, size, read in members:
         prefix, suffix = base_plus_ext(name)
         if prefix is None:
             continue
@@ -53,21 +59,43 @@ def iter_samples(f: BinaryIO, read_from: int = 0) -> Iterator[dict]:
         if sample is None or prefix != sample["__key__"]:
             if sample is not None:
                 yield sample
-            index, sample = index + 1, {"__key__": prefix}
+            index_no, sample = index_no + 1, {"__key__": prefix}
         if suffix in sample:
             raise ValueError(f"{name}: duplicate file name in tar file {suffix} {list(sample)}")
         data = None
-        if index >= read_from:
-            if member.sparse is not None:  # GNU sparse (never written by ShardWriter): let tarfile assemble it
-                data = tar.extractfile(member).read()
+        if index_no >= read_from:
+            if read is not None:
+                data = read()
             else:
-                f.seek(member.offset_data)
-                data = f.read(member.size)  # one read per member: no stream buffering in between
-            if len(data) != member.size:
-                raise EOFError(f"unexpected end of data in member {name}")
+                f.seek(offset)
+                data = f.read(size)  # one read per member: no stream buffering in between
+                if len(data) != size:
+                    raise EOFError(f"unexpected end of data in member {name}")
         sample[suffix] = data
+    if sample is not None:
+        yield sample
+    if table is not None and None not in table and len(index) < _INDEX_SHARDS:  # scanned to the end: keep
+        index[key] = table
+
+
+def _scan(f: BinaryIO, table: list | None) -> Iterator[tuple]:
+    """(name, data offset, size, None) of the members webdataset keeps, parsed lazily by tarfile; appended to
+    `table` as they come, unless a member needs tarfile to read it (GNU sparse: then read is its reader)."""
+    tar = tarfile.open(fileobj=f, mode="r:")  # parses the first header now; the rest lazily, as iterated
+    for member in tar:
+        name = member.name
         # tarfile keeps every TarInfo it has seen (for getmembers); nothing here needs them, and a shard can
         # hold many members, so drop them as stream mode does (webdataset sets `stream.members = []` too).
         tar.members = []
-    if sample is not None:
-        yield sample
+        if not member.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")) \
+                or _SKIP_META.match(name):
+            continue
+        if member.sparse is not None:  # GNU sparse (never written by ShardWriter): let tarfile assemble it
+            if table is not None:
+                table.append(None)  # marks the table unusable: such a file is scanned every time
+            yield name, 0, 0, lambda m=member: tar.extractfile(m).read()
+            continue
+        entry = (name, member.offset_data, member.size, None)
+        if table is not None:
+            table.append(entry)
+        yield entry

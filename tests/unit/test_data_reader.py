@@ -370,3 +370,31 @@ def test_resume_seeks_without_opening_earlier_shards(tiny, monkeypatch):
     first = next(iter(r))
     assert np.array_equal(first, manifest_rows(tiny["shards"])[440:444])
     assert opened == [(11, 0)]  # row 440 starts shard 11 (and its window): nothing earlier is opened
+
+
+def test_local_fast_path_matches_webdataset_stream_and_still_verifies(tiny, shards, monkeypatch):
+    import webdataset.tariterators as wds_tar
+
+    from data_pipeline import stream as stream_module
+    from data_pipeline.stream import Verifier, read_shard, resolve_source
+
+    n = len(tiny["manifest"]["shards"])
+    local = resolve_source(str(shards))
+    piped = resolve_source({"manifest": str(shards), "shards": [f"pipe:cat {shards}/shard-{i:06d}.tar"
+                                                                for i in range(n)]})
+    verifier = Verifier()
+    for shard in (0, 3, n - 1):  # n - 1: the short last shard
+        for start in (0, 2):
+            want = list(read_shard(piped, shard, start))
+            for _ in range(2):  # the 2nd read uses the member table remembered from the 1st
+                got = list(read_shard(local, shard, start, verifier=verifier))
+                assert [p for p, _ in got] == [p for p, _ in want] == list(range(start, len(want) + start))
+                assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert len(verifier.tar_index) == 3
+    # Local shards never go through webdataset's stream iterators; their checksum is still checked first.
+    monkeypatch.setattr(wds_tar, "tar_file_expander", None)
+    damage_sha(shards, "shard-000001.tar")
+    with pytest.raises(DataError, match="shard-000001.tar.*sha256"):
+        next(read_shard(local, 1))
+    assert stream_module.tario.iter_samples  # the fast path read shard 0 above without webdataset
+    assert len(list(read_shard(local, 0))) == 5
