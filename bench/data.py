@@ -10,9 +10,11 @@ side by side in one run, with the page cache warm for every contender:
   np.frombuffer); raw tarfile in stream mode (`r|`, how webdataset reads, which works for pipes and http too);
   and BASE64: BASE + widening to int64, which is what the reader must hand out (4x the bytes of uint16);
 * ShardReader (dp_size 1, micro-batch 8, global batch 512, int64 output) with 0 and 2 DataLoader workers,
-  with the default sha256 verification and without, and with a global batch of 8 (one micro-batch per step:
-  the per-step overhead at its worst). Two consecutive epochs of one reader are timed: the 1st pass (each
-  shard hashed, in a background thread, and its tar headers parsed) and the steady state of a multi-epoch run.
+  with the default sha256 verification and without, with a global batch of 8 (one micro-batch per step: the
+  per-step overhead at its worst), and "inline": without the read-ahead thread (reading in the calling thread). Two
+  consecutive epochs of one reader are timed: the 1st pass (each shard hashed and its tar headers parsed)
+  and the steady state of a multi-epoch run. The shards are read (1st pass: and hashed from the same bytes)
+  by the reader's read-ahead thread while the calling thread shuffles and widens rows to int64.
 
 Prints rows/s, tokens/s and the ratio to raw tar, next to the token rate an H100 needs to train a 1.3B GPT
 (6 N FLOPs per token at ~400 TFLOP/s achieved).
@@ -79,12 +81,13 @@ def raw_tar(paths: list[pathlib.Path], stream: bool, widen: bool = False) -> int
     return tokens
 
 
-def reader_passes(shards: pathlib.Path, workers: int, verify: bool, global_batch: int = 512) -> list[tuple]:
+def reader_passes(shards: pathlib.Path, workers: int, verify: bool, global_batch: int = 512,
+                  read_ahead: bool = True) -> list[tuple]:
     """(seconds, tokens) of two consecutive epochs of int64 micro-batches from one ShardReader (dp 1,
     micro-batch 8), one iterator: the first pass hashes every shard and parses every tar header; the second is
     the steady state of a multi-epoch run (checksums verified once per process, member tables known)."""
     r = ShardReader(str(shards), micro_batch_size=8, global_batch_size=global_batch, seed=0, num_workers=workers,
-                    verify_checksums=verify)
+                    verify_checksums=verify, read_ahead=read_ahead)
     batches = r.plans[0].rows_per_epoch // global_batch * r.accumulation
     it, out = iter(r), []
     for _ in range(2):
@@ -130,7 +133,8 @@ def main() -> None:
                ("ShardReader w=0 no-sha", lambda: reader_passes(shards, 0, False)),
                ("ShardReader w=2 sha256", lambda: reader_passes(shards, 2, True)),
                ("ShardReader w=2 no-sha", lambda: reader_passes(shards, 2, False)),
-               ("ShardReader w=0 no-sha GB=8", lambda: reader_passes(shards, 0, False, 8))]
+               ("ShardReader w=0 no-sha GB=8", lambda: reader_passes(shards, 0, False, 8)),
+               ("ShardReader w=0 no-sha inline", lambda: reader_passes(shards, 0, False, read_ahead=False))]
     results = [(name, *timed(fn, args.repeat)[0]) for name, fn in raw]
     for name, fn in readers:
         first, steady = timed(fn, args.repeat)

@@ -16,6 +16,10 @@ seeks straight to the window holding that position (earlier shards are not opene
 different dp_size or micro_batch_size; under a different global_batch_size it continues from consumed_samples
 with the new size, still exact in the global sample sequence.
 
+Reading: one daemon thread per source (`read_ahead=True`, `tario.ReadAhead`) reads whole shards (and hashes
+them, 1st use) up to two chunks ahead while the caller's thread shuffles and widens rows; it follows the same
+block order, so rows and positions are identical without it, and it stops with the iterator.
+
 DataLoader workers (num_workers > 0) split by groups of micro-batches (WORKER_ITEM_ROWS rows): worker w builds
 this rank's groups w, w + W, ... (each worker reads the whole stream, keeping only its own rows), and the
 DataLoader's in-order round-robin returns them in stream order, so the stream is identical for every
@@ -31,75 +35,17 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
+from data_pipeline.blocks import BlockSource
 from data_pipeline.errors import DataError
-from data_pipeline.sampler import (Exhausted, SourceCursor, SourcePlan, Window, blend, check_batch_sizes,
-                                   rank_slice)
+from data_pipeline.sampler import Exhausted, SourceCursor, SourcePlan, blend, check_batch_sizes, rank_slice
 from data_pipeline.shards import DTYPES
-from data_pipeline.stream import (Source, Verifier, is_local, load_manifest, local_path,  # noqa: F401
-                                  local_shard_problems, read_shard, resolve_source)
+from data_pipeline.stream import load_manifest, resolve_source  # noqa: F401  (load_manifest: re-exported)
 
 STATE_VERSION = 2
 # Rows per DataLoader item: a worker ships whole groups of micro-batches, because the loader's per-item cost
 # (~100 µs) would otherwise cap it at ~10k items/s; 256 rows x 2049 tokens = 1 MB of uint16 per item.
 WORKER_ITEM_ROWS = 256
 _ERROR_TAG = "__data_error__"  # worker -> main process: a DataError message, re-raised as one line
-
-
-class BlockSource:
-    """Blocks of one source in stream order: keeps the current shard open between windows, verifies ahead,
-    and (on_bad_shard="skip") turns a bad shard's remaining blocks into None, deterministically on every rank."""
-
-    def __init__(self, src: Source, plan: SourcePlan, *, verify: bool, skip_bad: bool):
-        self.src, self.plan, self.verify, self.skip_bad = src, plan, verify, skip_bad
-        self.verifier = Verifier()
-        self.bad: dict[int, int] = {}  # shard -> first unusable block
-        self.messages: list[str] = []  # one per skipped shard, in order
-        self._open: list | None = None  # [shard, next block, generator]
-        for shard, exc in local_shard_problems(src):
-            self._bad(shard, 0, exc)
-
-    def _bad(self, shard: int, block: int, exc: DataError) -> None:
-        if not self.skip_bad:
-            raise exc
-        self.bad[shard] = min(block, self.bad.get(shard, block))
-        self.messages.append(f"{exc}; skipping its blocks from {block} on (on_bad_shard=skip)")
-
-    def close(self) -> None:
-        """Close the open shard stream, if any (a new iteration starts from wherever its cursor says)."""
-        if self._open is not None:
-            self._open[2].close()
-            self._open = None
-
-    def read_window(self, win: Window) -> list[np.ndarray | None]:
-        """Arrays for the window's blocks (None: skipped as bad); plugged into SourceCursor."""
-        return [self._block(win.epoch, shard, block) for shard, block, _ in win.blocks]
-
-    def _block(self, epoch: int, shard: int, block: int) -> np.ndarray | None:
-        if block >= self.bad.get(shard, block + 1):
-            return None
-        if self._open is None or self._open[0] != shard or self._open[1] > block:
-            self.close()
-            self._open = [shard, block, read_shard(self.src, shard, block, self.verify, self.verifier)]
-            order = self.plan.shard_order(epoch)
-            nxt = order[(int(np.flatnonzero(order == shard)[0]) + 1) % len(order)]
-            if self.verify and is_local(self.src.urls[nxt]):
-                self.verifier.prefetch(str(local_path(self.src.urls[nxt])))
-        last = self.src.manifest["shards"][shard]["blocks"] - 1
-        try:
-            while True:  # a gap (only after a resume) is crossed by reading
-                pos, rows = next(self._open[2])
-                self._open[1] = pos + 1
-                if pos == block:
-                    break
-            if block == last:  # run the end-of-shard checks (block count, streamed sha256) before use
-                next(self._open[2], None)
-                self.close()
-            return rows
-        except (DataError, StopIteration) as exc:
-            self.close()
-            self._bad(shard, block, exc if isinstance(exc, DataError) else
-                      DataError(f"{self.src.urls[shard]}: truncated shard, block {block} missing"))
-            return None
 
 
 class ShardReader:
@@ -113,8 +59,10 @@ class ShardReader:
     def __init__(self, sources, *, micro_batch_size: int, global_batch_size: int = 0, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, shuffle: bool = True, loop: bool = True, num_workers: int = 0,
                  expected_tokenizer_sha256: str | None = None, verify_checksums: bool = True,
-                 on_bad_shard: str = "error", shuffle_window_blocks: int = 8):
-        """Resolve sources and check manifests and local shard files now; checksums are checked before use."""
+                 on_bad_shard: str = "error", shuffle_window_blocks: int = 8, read_ahead: bool = True):
+        """Resolve sources and check manifests and local shard files now; checksums are checked before use.
+        read_ahead: read shards in a background thread while this one converts and hands out rows (the
+        stream is identical without it)."""
         if not 0 <= dp_rank < dp_size or num_workers < 0 or on_bad_shard not in ("error", "skip"):
             raise ValueError(f"ShardReader: need 0 <= dp_rank < dp_size, num_workers >= 0, on_bad_shard "
                              f"error|skip; got {dp_rank}, {dp_size}, {num_workers}, {on_bad_shard!r}")
@@ -142,8 +90,8 @@ class ShardReader:
         self.plans = [SourcePlan([i["sequences"] for i in s.manifest["shards"]], s.manifest["sequences_per_sample"],
                                  seed=seed, source=d, shuffle=shuffle, window_blocks=shuffle_window_blocks)
                       for d, s in enumerate(self.sources)]
-        self._blocks = [BlockSource(s, p, verify=verify_checksums, skip_bad=on_bad_shard == "skip")
-                        for s, p in zip(self.sources, self.plans)]
+        self._blocks = [BlockSource(s, p, verify=verify_checksums, skip_bad=on_bad_shard == "skip", loop=loop,
+                                    read_ahead=read_ahead) for s, p in zip(self.sources, self.plans)]
         self._warned: set[str] = set()
         self._note_skips([m for b in self._blocks for m in b.messages])
         self.num_batches = None
@@ -153,7 +101,14 @@ class ShardReader:
                 raise DataError(f"{self.sources[0].name}: {self.plans[0].rows_per_epoch} sequences make no "
                                 f"global batch of {self.global_batch_size}")
         self._state = self._initial_state()
-        self.last_indices = np.zeros(0, dtype=np.int64)
+        self._first_index: int | None = None  # global sample index of the last micro-batch's first row
+
+    @property
+    def last_indices(self) -> np.ndarray:
+        """Global sample indices (int64 [micro_batch_size]) of the micro-batch yielded last (empty before)."""
+        if self._first_index is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.arange(self._first_index, self._first_index + self.micro_batch_size, dtype=np.int64)
 
     # ----- position -----
 
@@ -219,12 +174,19 @@ class ShardReader:
 
     def _produce(self, start: dict, worker: int = 0, workers: int = 1, dtype: type = np.int64,
                  group: int = 1) -> Iterator[tuple]:
-        """(n, micro-batch, indices, state after it, skip messages) for the micro-batches n = 0, 1, ... from
-        `start` that this worker builds: those with (n // group) % workers == worker."""
-        GB, B, m = self.global_batch_size, self.micro_batch_size, self.accumulation
-        lo, _ = rank_slice(GB, self.dp_rank, self.dp_size)
+        """(n, micro-batch, its first global sample index, state after it, skip messages) for the micro-batches
+        n = 0, 1, ... from `start` that this worker builds: those with (n // group) % workers == worker."""
         for b in self._blocks:
             b.close()
+        try:
+            yield from self._micro_batches(start, worker, workers, dtype, group)
+        finally:  # stop the read-ahead threads with the iteration (closed, abandoned or failed)
+            for b in self._blocks:
+                b.close()
+
+    def _micro_batches(self, start: dict, worker: int, workers: int, dtype: type, group: int) -> Iterator[tuple]:
+        GB, B, m = self.global_batch_size, self.micro_batch_size, self.accumulation
+        lo, _ = rank_slice(GB, self.dp_rank, self.dp_size)
         cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name)
                    for p, b, s, pos in zip(self.plans, self._blocks, self.sources, start["positions"])]
         consumed, first, counts = start["consumed_samples"], start["micro_batch"], np.array(start["counts"])
@@ -241,28 +203,28 @@ class ShardReader:
             wanted = masks[mine]
             assign = blend(self.weights, consumed, counts, GB)  # [GB] source of each sample
             try:
-                rows = self._gather(cursors, assign, wanted, dtype)  # [len(mine) * B, seq_length + 1]
+                parts = self._gather(cursors, assign, wanted)  # [len(mine) * B, seq_length + 1] in pieces
             except Exhausted:
                 return
             consumed += GB
             after = {"consumed_samples": consumed, "micro_batch": 0, "counts": counts.tolist(),
                      "positions": [c.position for c in cursors]}
             msgs = [x for b in self._blocks for x in b.messages]
-            for j, i in enumerate(mine):
+            # Each micro-batch is converted on its own (one copy): a small array stays in cache for the consumer,
+            # and the indices are a number, not an array (per-micro-batch cost is what limits small batches).
+            for i, batch in zip(mine, _split(parts, B, dtype)):
                 state = after if i == m - 1 else {**before, "micro_batch": i + 1}
-                g0 = consumed - GB + lo + i * B
-                yield (local + i - first, rows[j * B: (j + 1) * B], np.arange(g0, g0 + B, dtype=np.int64), state,
-                       msgs[n_msgs:])
+                yield local + i - first, batch, consumed - GB + lo + i * B, state, msgs[n_msgs:]
                 n_msgs = len(msgs)
             local += m - first
             first = 0
 
-    def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray,
-                dtype: type) -> np.ndarray:
-        """Advance every source through one global batch; return the wanted rows in order, as `dtype`."""
-        out = np.empty((int(wanted.sum()), self.seq_length + 1), dtype=dtype)
-        if len(cursors) == 1:  # the common case: rows are converted to `dtype` as they are copied into `out`
-            return cursors[0].read(wanted, out)
+    def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+        """Advance every source through one global batch; return the wanted rows in order, in the shards' dtype,
+        as consecutive pieces (views of the shuffle windows where possible: no copy here)."""
+        if len(cursors) == 1:  # the common case
+            return cursors[0].read_parts(wanted)
+        out = np.empty((int(wanted.sum()), self.seq_length + 1), dtype=self._wire_dtype())
         dest = np.cumsum(wanted) - 1  # [GB] global batch position -> row of out
         for d, cursor in enumerate(cursors):
             where = np.flatnonzero(assign == d)
@@ -271,7 +233,7 @@ class ShardReader:
                 rows = cursor.read(keep)
                 if len(rows):
                     out[dest[where[keep]]] = rows
-        return out
+        return [out]
 
     def _wire_dtype(self) -> np.dtype:
         """The shards' own token dtype (uint16 unless a source is int32): rows stay in it until `__iter__`."""
@@ -282,13 +244,20 @@ class ShardReader:
         source = (self._produce(dict(self._state)) if self.num_workers == 0
                   else _worker_loader(self, dict(self._state)))
         try:
+            if self.num_workers == 0:  # the lean loop: per-micro-batch work is what limits small micro-batches
+                for _, batch, self._first_index, state, messages in source:
+                    if messages:
+                        self._note_skips(messages)
+                    # Advance before yielding: a state_dict() taken after receiving a batch points at the next.
+                    self._state = state
+                    yield batch
+                return
             for item in source:
                 if isinstance(item, tuple) and item[0] == _ERROR_TAG:
                     raise DataError(item[1])
-                for _, batch, indices, state, messages in (item if self.num_workers else [item]):
+                for _, batch, self._first_index, state, messages in item:
                     self._note_skips(messages)
-                    # Advance before yielding: a state_dict() taken after receiving a batch points at the next.
-                    self._state, self.last_indices = state, indices
+                    self._state = state
                     yield batch.astype(np.int64, copy=False)  # workers send the shards' own dtype
         finally:
             if not self.loop:  # a pass that ended or was abandoned: the next iter() starts from the beginning
@@ -298,6 +267,26 @@ class ShardReader:
             shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+
+def _split(parts: list[np.ndarray], rows: int, dtype: type) -> Iterator[np.ndarray]:
+    """Consecutive `rows`-row arrays of `dtype` out of the pieces (each a fresh copy: one conversion pass)."""
+    out, filled = None, 0
+    for part in parts:
+        at = 0
+        while at < len(part):
+            if filled == 0 and len(part) - at >= rows:  # the usual case: one piece holds the whole micro-batch
+                yield part[at: at + rows].astype(dtype)
+                at += rows
+                continue
+            if out is None:
+                out = np.empty((rows, part.shape[1]), dtype=dtype)
+            n = min(rows - filled, len(part) - at)
+            out[filled: filled + n] = part[at: at + n]
+            filled, at = filled + n, at + n
+            if filled == rows:
+                yield out
+                out, filled = None, 0
 
 
 def _identity(x):

@@ -57,7 +57,8 @@ class SourcePlan:
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard order, first row of each shard in the epoch [shards+1], first block [shards+1])."""
-        if epoch not in self._layouts:
+        layout = self._layouts.get(epoch)  # one lookup: the read-ahead thread may clear the cache meanwhile
+        if layout is None:
             n = len(self.shard_rows)
             order = (np.random.default_rng(np.random.SeedSequence([self.seed, self.source, epoch])).permutation(n)
                      if self.shuffle else np.arange(n))
@@ -65,8 +66,8 @@ class SourcePlan:
             blocks = np.concatenate([[0], np.cumsum(self.shard_blocks[order])])
             if len(self._layouts) > 4:  # resume and epoch boundaries touch at most two epochs at a time
                 self._layouts.clear()
-            self._layouts[epoch] = (order, rows, blocks)
-        return self._layouts[epoch]
+            layout = self._layouts[epoch] = (order, rows, blocks)
+        return layout
 
     def window_of(self, epoch: int, row: int) -> int:
         """The window holding stream row `row` (0 <= row < rows_per_epoch) of `epoch`."""
@@ -164,28 +165,35 @@ class SourceCursor:
     def read(self, keep: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Consume len(keep) rows; return those where keep is True: [keep.sum(), seq_length + 1].
 
-        With `out` ([keep.sum(), seq_length + 1], any dtype) the rows are written (converted) into it, one pass
-        over the data; without, the result may be a view of the current window (no copy).
+        With `out` ([keep.sum(), seq_length + 1], any dtype) the rows are written (converted) into it; without,
+        the result may be a view of the current window (no copy).
         """
-        parts, done, n, filled = [], 0, len(keep), 0
+        parts = self.read_parts(keep)
+        if out is not None:
+            filled = 0
+            for rows in parts:
+                out[filled: filled + len(rows)] = rows
+                filled += len(rows)
+            return out
+        if not parts:
+            return np.zeros((0, 0), dtype=np.uint16)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def read_parts(self, keep: np.ndarray) -> list[np.ndarray]:
+        """Like `read`, as consecutive non-empty pieces (views of the windows where keep allows): no copy of
+        the rows a caller converts anyway."""
+        parts, done, n = [], 0, len(keep)
         while done < n:
             self._ensure()
             chunk = min(n - done, len(self._pos) - self._i)
             rows, k = self._rows[self._i: self._i + chunk], keep[done: done + chunk]  # a view: consecutive rows
             if not k.all():
                 rows = rows[k]
-            if out is not None:
-                out[filled: filled + len(rows)] = rows
-                filled += len(rows)
-            elif len(rows):
+            if len(rows):
                 parts.append(rows)
             self._i += chunk
             done += chunk
-        if out is not None:
-            return out
-        if not parts:
-            return np.zeros((0, 0), dtype=np.uint16)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts
 
 
 def _in_stream_order(arrays: list, sizes: list[int], src: np.ndarray) -> np.ndarray | None:

@@ -188,6 +188,13 @@ class Verifier:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
             self._pending[path] = self._pool.submit(file_sha256, path)
 
+    def ok_bytes(self, path: str, sha256: str, data: memoryview) -> bool:
+        """Like `ok`, from the file's bytes already read (one pass over them instead of a second read)."""
+        self._own()
+        if path not in self._done and path not in self._pending:
+            self._done[path] = hashlib.sha256(data).hexdigest() == sha256
+        return self.ok(path, sha256)
+
     def ok(self, path: str, sha256: str) -> bool:
         """Whether `path` hashes to `sha256` (waits for a prefetch of it; remembered for this process)."""
         self._own()
@@ -208,8 +215,7 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
     """
     info, url, m = src.manifest["shards"][shard], src.urls[shard], src.manifest
     local = is_local(url)
-    if verify and local and "sha256" in info and not (verifier or Verifier()).ok(str(local_path(url)), info["sha256"]):
-        raise DataError(f"{url}: sha256 does not match {MANIFEST_NAME} (corrupt or replaced shard)")
+    verifier = verifier or Verifier()
     np_dtype, ext = DTYPES[m["dtype"]]
     spp, row = m["sequences_per_sample"], src.row
     hasher = hashlib.sha256() if verify and not local and "sha256" in info else None
@@ -219,8 +225,14 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
         raise DataError(f"{url}: cannot open shard ({type(exc).__name__}: {exc})") from None
     wrapped, complete = _ChunkedReader(stream, hasher), False
     try:
+        data = tario.read_whole(stream) if local else None  # small enough: one read, hashed in memory
+        if verify and local and "sha256" in info:
+            path = str(local_path(url))
+            if not (verifier.ok(path, info["sha256"]) if data is None else
+                    verifier.ok_bytes(path, info["sha256"], data)):
+                raise DataError(f"{url}: sha256 does not match {MANIFEST_NAME} (corrupt or replaced shard)")
         if local and tario.seekable_plain_tar(stream):
-            samples = tario.iter_samples(stream, start_block, verifier.tar_index if verifier else None)
+            samples = tario.iter_samples(stream, start_block, verifier.tar_index, data)
         else:
             samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": wrapped}]))
         pos = 0

@@ -314,9 +314,14 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     return from_dict(raw)
 
 
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text; ``load`` of it gives back an equal Config."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def dump(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the run directory's config.yaml)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(to_yaml(cfg))
 
 
 def _require(ok: bool, key: str, message: str) -> None:

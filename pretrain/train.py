@@ -14,11 +14,10 @@ import socket
 from pathlib import Path
 
 import torch.distributed as dist
-import yaml
 
 from pretrain import device as device_layer
 from pretrain import models
-from pretrain.config import Config, ConfigError, dump
+from pretrain.config import Config, ConfigError, dump, to_yaml
 from pretrain.parallel import ParallelDims, init_process_groups
 
 
@@ -100,7 +99,7 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         device=device.device,
         accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),
-        config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        config_yaml=to_yaml(cfg),
         layout=layout,
     )
 
@@ -124,11 +123,11 @@ def free_port() -> int:
 
 
 def _sha256(path: str) -> str:
-    import hashlib
+    from data_pipeline.shards import file_sha256
 
     if not Path(path).is_file():
         raise ConfigError(f"data.tokenizer: file not found: {path}")
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def _check_data_matches_model(cfg: Config, data) -> None:

@@ -1,14 +1,20 @@
-"""StreamReader: Transformer-XL ordered lanes, contiguous across segments, restarts, dp changes and epochs."""
+"""StreamReader: Transformer-XL ordered lanes, contiguous across segments, restarts, dp changes and epochs.
+ShardReader's read-ahead thread: the same stream, positions and errors as without it, and no thread left over."""
 
+import gc
 import itertools
 import json
 import shutil
+import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
 
-from data_pipeline import DataError
+from data_pipeline import DataError, ShardReader
 from data_pipeline.stream import StreamReader
+from data_pipeline.tario import ReadAhead
 from data_pipeline.testing import build_tiny_dataset
 from tests.unit.test_data_reader import damage_sha, manifest_rows
 
@@ -123,3 +129,105 @@ def test_pipe_urls_give_the_same_stream(tiny):
     spec = {"manifest": f"pipe:cat {d}/manifest.json", "shards": [f"pipe:cat {d}/shard-{i:06d}.tar" for i in range(n)]}
     got, _ = take(StreamReader(spec, batch_size=BATCH, tgt_len=TGT), 20)
     assert np.array_equal(got, reference_segments(d, BATCH, TGT)[:20])
+
+
+# ----- ShardReader's read-ahead thread -----
+
+def read_ahead_threads():
+    return [t for t in threading.enumerate() if t.name == "shard-read-ahead" and t.is_alive()]
+
+
+def gone(timeout=5.0):
+    """True once no read-ahead thread runs (a garbage-collected one notices its stop event within ~0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while read_ahead_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not read_ahead_threads()
+
+
+def run(shards, n, read_ahead, state=None, **kw):
+    """n micro-batches, then (state, last indices, skipped shards), from a fresh reader."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # skip messages: compared via skipped_shards
+        r = ShardReader(str(shards), micro_batch_size=2, global_batch_size=8, read_ahead=read_ahead, **kw)
+        if state is not None:
+            r.load_state_dict(state)
+        it = iter(r)
+        got = np.stack(list(itertools.islice(it, n)))
+        it.close()
+    return got, r.state_dict(), r.last_indices.tolist(), r.skipped_shards
+
+
+@pytest.mark.parametrize("kw", [{"seed": 3}, {"shuffle": False, "shuffle_window_blocks": 3},
+                                {"seed": 1, "on_bad_shard": "skip", "dp_size": 2, "dp_rank": 1}])
+def test_read_ahead_gives_the_same_rows_positions_and_skips(tiny, tmp_path, kw):
+    shards = shutil.copytree(tiny["shards"], tmp_path / "shards")
+    if kw.get("on_bad_shard") == "skip":
+        damage_sha(shards, "shard-000003.tar")
+    n = 2 * 494 // 2 + 7  # past two epochs
+    inline = run(shards, n, False, **kw)
+    ahead = run(shards, n, True, **kw)
+    assert np.array_equal(inline[0], ahead[0]) and inline[1:] == ahead[1:]
+    state = run(shards, 101, True, **kw)[1]  # resume mid-way, with and without the thread
+    tails = [run(shards, 150, flag, state, **kw) for flag in (True, False)]
+    assert np.array_equal(tails[0][0], inline[0][101:251]) and np.array_equal(tails[1][0], tails[0][0])
+    assert tails[0][1:3] == tails[1][1:3] and gone()
+
+
+def test_read_ahead_errors_are_the_same_one_line_data_error(tiny, tmp_path):
+    shards = shutil.copytree(tiny["shards"], tmp_path / "shards")
+    damage_sha(shards, "shard-000002.tar")  # found by the thread's sha256 check
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for info in manifest["shards"]:
+        del info["bytes"]  # no size check at open: the cut is found by the thread's read
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cut = shards / "shard-000004.tar"
+    cut.write_bytes(cut.read_bytes()[:3000])
+    outcomes = {}
+    for read_ahead in (False, True):
+        for verify in (True, False):
+            r = ShardReader(str(shards), micro_batch_size=4, shuffle=False, verify_checksums=verify,
+                            read_ahead=read_ahead)
+            got = []
+            with pytest.raises(DataError) as e:
+                got.extend(itertools.islice(iter(r), 200))
+            outcomes[read_ahead, verify] = (str(e.value), len(got), r.state_dict())
+    assert outcomes[True, True] == outcomes[False, True] and outcomes[True, False] == outcomes[False, False]
+    assert "shard-000002.tar: sha256 does not match" in outcomes[True, True][0]
+    assert "shard-000004.tar: truncated" in outcomes[True, False][0]
+    assert all("\n" not in m for m, _, _ in outcomes.values()) and gone()
+    # An unexpected exception in the thread is re-raised by the consumer, after the items before it.
+    def items():
+        yield 1
+        raise ValueError("boom")
+    ahead = ReadAhead(items())
+    assert next(ahead) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(ahead)
+    assert list(ahead) == [] and gone()
+
+
+def test_no_read_ahead_thread_outlives_its_iterator(tiny):
+    r = ShardReader(str(tiny["shards"]), micro_batch_size=2, global_batch_size=8)
+    it = iter(r)
+    next(it)
+    assert len(read_ahead_threads()) == 1
+    it.close()
+    assert not read_ahead_threads()  # close() joins the thread
+    it = iter(r)
+    next(it)
+    del it  # abandoned: the generator's finally stops the thread
+    gc.collect()
+    assert gone()
+    closed = []
+
+    def endless():
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+    ahead = ReadAhead(endless(), depth=2)
+    assert next(ahead) == 0 and read_ahead_threads()
+    del ahead  # garbage: its __del__ sets the stop event; the thread closes the iterator and ends
+    gc.collect()
+    assert gone() and closed == [True]
