@@ -46,3 +46,16 @@ def build_tiny_dataset(out_dir: str | pathlib.Path, *, vocab_size: int = 400, se
     manifest = prepare_shards([str(corpus)], str(model), str(out / "shards"), seq_length,
                               samples_per_shard=samples_per_shard, sequences_per_sample=sequences_per_sample)
     return {"corpus": corpus, "tokenizer": model, "shards": out / "shards", "manifest": manifest}
+
+
+def spy_on_read_shard(module, monkeypatch) -> list[tuple[int, int]]:
+    """Record (shard, start_block) of every shard that ``module.read_shard`` opens (tests of resume seeking)."""
+    opened: list[tuple[int, int]] = []
+    real = module.read_shard
+
+    def spy(src, shard, start_block=0, *args, **kwargs):
+        opened.append((shard, start_block))
+        return real(src, shard, start_block, *args, **kwargs)
+
+    monkeypatch.setattr(module, "read_shard", spy)
+    return opened

@@ -132,6 +132,9 @@ def generate(loaded: LoadedModel, tokenizer, prompt: str, max_new_tokens: int = 
     prompt_ids = tokenizer.encode(prompt)
     ids = list(prompt_ids)
     seq_length = loaded.cfg.model.seq_length
+    # Never sample pad/unk/bos or the BERT control symbols; EOS stays allowed and ends the continuation.
+    banned = torch.tensor(sorted(set(tokenizer.special_ids) - {tokenizer.eos_id}), dtype=torch.long,
+                          device=loaded.device)
     printed = ""
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-seq_length:]], device=loaded.device)  # [1, s]
@@ -139,6 +142,7 @@ def generate(loaded: LoadedModel, tokenizer, prompt: str, max_new_tokens: int = 
         logits = loaded.model(input_ids=context, position_ids=torch.arange(s, device=loaded.device)[None],
                               attention_mask=models.gpt._causal_mask(s, loaded.device))  # [1, s, V_padded]
         logits = logits[0, -1, : tokenizer.vocab_size].float()  # padding rows are never real tokens
+        logits[banned] = float("-inf")
         if temperature <= 0:
             next_id = int(logits.argmax())
         else:

@@ -356,15 +356,9 @@ def test_validation_reader_fixed_order_and_restartable(tiny):
 
 def test_resume_seeks_without_opening_earlier_shards(tiny, monkeypatch):
     import data_pipeline.blocks as reader_module  # BlockSource reads shards through blocks.read_shard
+    from data_pipeline.testing import spy_on_read_shard
 
-    opened = []
-    real = reader_module.read_shard
-
-    def spy(src, shard, start_block=0, *args, **kwargs):
-        opened.append((shard, start_block))
-        return real(src, shard, start_block, *args, **kwargs)
-
-    monkeypatch.setattr(reader_module, "read_shard", spy)
+    opened = spy_on_read_shard(reader_module, monkeypatch)
     r = reader(tiny["shards"], micro_batch_size=4, shuffle=False, shuffle_window_blocks=5)  # window = shard
     r.load_state_dict({**r.state_dict(), "consumed_samples": 440, "counts": [440], "positions": [440]})
     first = next(iter(r))

@@ -82,15 +82,9 @@ def test_restart_is_exact_across_dp_changes_and_epochs(tiny, before, after):
 
 def test_lanes_seek_without_reading_earlier_shards(tiny, monkeypatch):
     import data_pipeline.stream as stream_module
+    from data_pipeline.testing import spy_on_read_shard
 
-    opened = []
-    real = stream_module.read_shard
-
-    def spy(src, shard, start_block=0, *args, **kwargs):
-        opened.append((shard, start_block))
-        return real(src, shard, start_block, *args, **kwargs)
-
-    monkeypatch.setattr(stream_module, "read_shard", spy)
+    opened = spy_on_read_shard(stream_module, monkeypatch)
     r = StreamReader(str(tiny["shards"]), batch_size=2, tgt_len=TGT, dp_rank=1, dp_size=2)
     r.load_state_dict({**r.state_dict(), "offset": 2000})
     seg = next(iter(r))
