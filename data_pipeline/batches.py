@@ -12,6 +12,7 @@ are what the readers yield: packed rows `[b, s+1]` of int64 token ids in which e
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import numpy as np
@@ -26,9 +27,15 @@ def _rows(rows: np.ndarray, min_width: int = 2) -> np.ndarray:
     return rows.astype(np.int64, copy=False)
 
 
+@functools.lru_cache(maxsize=8)
 def causal_mask(s: int) -> np.ndarray:
-    """[1, 1, s, s] bool, True where attention is NOT allowed (key after query): megatron-core's convention."""
-    return np.triu(np.ones((s, s), dtype=bool), 1)[None, None]
+    """[1, 1, s, s] bool, True where attention is NOT allowed (key after query): megatron-core's convention.
+
+    Built once per length (4 MB at s = 2048, otherwise rebuilt every step) and read-only, since it is shared.
+    """
+    mask = np.triu(np.ones((s, s), dtype=bool), 1)[None, None]
+    mask.flags.writeable = False
+    return mask
 
 
 # ----- GPT -----

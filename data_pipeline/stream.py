@@ -19,7 +19,6 @@ lane's offset (earlier shards are not opened), so memory is a block per lane, wh
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -166,41 +165,24 @@ class _ChunkedReader:
 
 
 class Verifier:
-    """What one reader learns about its local shard files. sha256: checked once per process before first use;
-    the next shard is hashed ahead in a thread (hashlib releases the GIL), so checking overlaps reading.
+    """What one reader learns about its local shard files. sha256: checked once per process before first use,
+    from the bytes the read-ahead thread already read when it has them (one pass), else by reading the file.
     `tar_index`: each fully read shard's member table (tario.py), so later epochs skip header parsing."""
 
     def __init__(self):
         self.tar_index: dict = {}
         self._done: dict[str, bool] = {}
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._pool, self._pid = None, None
-
-    def _own(self) -> None:
-        if self._pid != os.getpid():  # forked worker: the parent's thread and futures do not exist here
-            self._pool, self._pending, self._pid = None, {}, os.getpid()
-
-    def prefetch(self, path: str) -> None:
-        """Start hashing `path` in the background (no-op if done, pending or missing)."""
-        self._own()
-        if path not in self._done and path not in self._pending and os.path.isfile(path):
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
-            self._pending[path] = self._pool.submit(file_sha256, path)
 
     def ok_bytes(self, path: str, sha256: str, data: memoryview) -> bool:
         """Like `ok`, from the file's bytes already read (one pass over them instead of a second read)."""
-        self._own()
-        if path not in self._done and path not in self._pending:
+        if path not in self._done:
             self._done[path] = hashlib.sha256(data).hexdigest() == sha256
-        return self.ok(path, sha256)
+        return self._done[path]
 
     def ok(self, path: str, sha256: str) -> bool:
-        """Whether `path` hashes to `sha256` (waits for a prefetch of it; remembered for this process)."""
-        self._own()
+        """Whether `path` hashes to `sha256` (remembered for this process)."""
         if path not in self._done:
-            future = self._pending.pop(path, None)
-            self._done[path] = (future.result() if future else file_sha256(path)) == sha256
+            self._done[path] = file_sha256(path) == sha256
         return self._done[path]
 
 

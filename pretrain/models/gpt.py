@@ -93,7 +93,7 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
 def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     # [1, 1, s, s], True where attention is NOT allowed (megatron-core's convention). Passing it explicitly keeps
     # megatron-core from building its default mask with a hard-coded CUDA device. Cached: one per length/device.
-    return torch.from_numpy(causal_mask(seq_length)).to(device)
+    return torch.from_numpy(causal_mask(seq_length).copy()).to(device)  # copy: torch wants a writable array
 
 
 def batch_fn(rows: np.ndarray, device: torch.device, eos_id: int | None = None,
