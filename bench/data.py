@@ -82,12 +82,12 @@ def raw_tar(paths: list[pathlib.Path], stream: bool, widen: bool = False) -> int
 
 
 def reader_passes(shards: pathlib.Path, workers: int, verify: bool, global_batch: int = 512,
-                  read_ahead: bool = True) -> list[tuple]:
-    """(seconds, tokens) of two consecutive epochs of int64 micro-batches from one ShardReader (dp 1,
+                  read_ahead: bool = True, dtype: str = "native") -> list[tuple]:
+    """(seconds, tokens) of two consecutive epochs of micro-batches from one ShardReader (dp 1,
     micro-batch 8), one iterator: the first pass hashes every shard and parses every tar header; the second is
     the steady state of a multi-epoch run (checksums verified once per process, member tables known)."""
     r = ShardReader(str(shards), micro_batch_size=8, global_batch_size=global_batch, seed=0, num_workers=workers,
-                    verify_checksums=verify, read_ahead=read_ahead)
+                    verify_checksums=verify, read_ahead=read_ahead, dtype=dtype)
     batches = r.plans[0].rows_per_epoch // global_batch * r.accumulation
     it, out = iter(r), []
     for _ in range(2):
@@ -129,12 +129,14 @@ def main() -> None:
     raw = [("raw tarfile.open+extractfile (BASE)", lambda: raw_tar(paths, stream=False)),
            ("raw tarfile, stream mode (r|)", lambda: raw_tar(paths, stream=True)),
            ("raw tarfile + int64 (BASE64)", lambda: raw_tar(paths, stream=False, widen=True))]
-    readers = [("ShardReader w=0 sha256", lambda: reader_passes(shards, 0, True)),
-               ("ShardReader w=0 no-sha", lambda: reader_passes(shards, 0, False)),
-               ("ShardReader w=2 sha256", lambda: reader_passes(shards, 2, True)),
-               ("ShardReader w=2 no-sha", lambda: reader_passes(shards, 2, False)),
-               ("ShardReader w=0 no-sha GB=8", lambda: reader_passes(shards, 0, False, 8)),
-               ("ShardReader w=0 no-sha inline", lambda: reader_passes(shards, 0, False, read_ahead=False))]
+    readers = [("reader w=0 sha256 uint16", lambda: reader_passes(shards, 0, True)),
+               ("reader w=0 no-sha uint16", lambda: reader_passes(shards, 0, False)),
+               ("reader w=0 sha256 int64", lambda: reader_passes(shards, 0, True, dtype="int64")),
+               ("reader w=0 no-sha int64", lambda: reader_passes(shards, 0, False, dtype="int64")),
+               ("reader w=2 sha256 uint16", lambda: reader_passes(shards, 2, True)),
+               ("reader w=2 no-sha uint16", lambda: reader_passes(shards, 2, False)),
+               ("reader w=0 no-sha uint16 GB=8", lambda: reader_passes(shards, 0, False, 8)),
+               ("reader w=0 no-sha uint16 inline", lambda: reader_passes(shards, 0, False, read_ahead=False))]
     results = [(name, *timed(fn, args.repeat)[0]) for name, fn in raw]
     for name, fn in readers:
         first, steady = timed(fn, args.repeat)

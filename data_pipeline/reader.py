@@ -49,7 +49,9 @@ _ERROR_TAG = "__data_error__"  # worker -> main process: a DataError message, re
 
 
 class ShardReader:
-    """Iterate int64 micro-batches `[micro_batch_size, seq_length + 1]` for one DP rank (see module docstring).
+    """Iterate micro-batches `[micro_batch_size, seq_length + 1]` for one DP rank (see module docstring): int64,
+    or with `dtype="native"` the shards' own dtype (uint16 for vocabularies under 65536: a quarter of the bytes
+    to copy and to send to the accelerator, which widens them; the model batch functions accept either).
 
     Stateful: iteration continues from `state_dict()` and advances it per yielded micro-batch. `loop=True`:
     infinite over epochs (sources loop independently). `loop=False` (validation): one pass over epoch 0 of a
@@ -59,13 +61,16 @@ class ShardReader:
     def __init__(self, sources, *, micro_batch_size: int, global_batch_size: int = 0, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, shuffle: bool = True, loop: bool = True, num_workers: int = 0,
                  expected_tokenizer_sha256: str | None = None, verify_checksums: bool = True,
-                 on_bad_shard: str = "error", shuffle_window_blocks: int = 8, read_ahead: bool = True):
+                 on_bad_shard: str = "error", shuffle_window_blocks: int = 8, read_ahead: bool = True,
+                 dtype: str = "int64"):
         """Resolve sources and check manifests and local shard files now; checksums are checked before use.
         read_ahead: read shards in a background thread while this one converts and hands out rows (the
         stream is identical without it)."""
-        if not 0 <= dp_rank < dp_size or num_workers < 0 or on_bad_shard not in ("error", "skip"):
+        if not 0 <= dp_rank < dp_size or num_workers < 0 or on_bad_shard not in ("error", "skip") \
+                or dtype not in ("int64", "native"):
             raise ValueError(f"ShardReader: need 0 <= dp_rank < dp_size, num_workers >= 0, on_bad_shard "
-                             f"error|skip; got {dp_rank}, {dp_size}, {num_workers}, {on_bad_shard!r}")
+                             f"error|skip, dtype int64|native; got {dp_rank}, {dp_size}, {num_workers}, "
+                             f"{on_bad_shard!r}, {dtype!r}")
         self.global_batch_size = global_batch_size or micro_batch_size * dp_size
         self.accumulation = check_batch_sizes(micro_batch_size, self.global_batch_size, dp_size)
         specs = [sources] if isinstance(sources, (str, os.PathLike, dict)) else list(sources)
@@ -87,6 +92,7 @@ class ShardReader:
         self.seed, self.shuffle, self.loop, self.num_workers = seed, shuffle, loop, num_workers
         self.weights = [s.weight for s in self.sources]
         self.shuffle_window_blocks = shuffle_window_blocks
+        self.dtype = np.dtype(np.int64) if dtype == "int64" else self._wire_dtype()
         self.plans = [SourcePlan([i["sequences"] for i in s.manifest["shards"]], s.manifest["sequences_per_sample"],
                                  seed=seed, source=d, shuffle=shuffle, window_blocks=shuffle_window_blocks)
                       for d, s in enumerate(self.sources)]
@@ -172,14 +178,14 @@ class ShardReader:
 
     # ----- the stream -----
 
-    def _produce(self, start: dict, worker: int = 0, workers: int = 1, dtype: type = np.int64,
+    def _produce(self, start: dict, worker: int = 0, workers: int = 1, dtype: np.dtype | None = None,
                  group: int = 1) -> Iterator[tuple]:
         """(n, micro-batch, its first global sample index, state after it, skip messages) for the micro-batches
         n = 0, 1, ... from `start` that this worker builds: those with (n // group) % workers == worker."""
         for b in self._blocks:
             b.close()
         try:
-            yield from self._micro_batches(start, worker, workers, dtype, group)
+            yield from self._micro_batches(start, worker, workers, dtype or self.dtype, group)
         finally:  # stop the read-ahead threads with the iteration (closed, abandoned or failed)
             for b in self._blocks:
                 b.close()
@@ -258,7 +264,7 @@ class ShardReader:
                 for _, batch, self._first_index, state, messages in item:
                     self._note_skips(messages)
                     self._state = state
-                    yield batch.astype(np.int64, copy=False)  # workers send the shards' own dtype
+                    yield batch.astype(self.dtype, copy=False)  # workers send the shards' own dtype
         finally:
             if not self.loop:  # a pass that ended or was abandoned: the next iter() starts from the beginning
                 self._state = self._initial_state()
@@ -269,14 +275,15 @@ class ShardReader:
                 shutdown()
 
 
-def _split(parts: list[np.ndarray], rows: int, dtype: type) -> Iterator[np.ndarray]:
-    """Consecutive `rows`-row arrays of `dtype` out of the pieces (each a fresh copy: one conversion pass)."""
+def _split(parts: list[np.ndarray], rows: int, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Consecutive `rows`-row arrays of `dtype` out of the pieces: views when a piece already holds a whole
+    micro-batch in `dtype` (the pieces are fresh shuffle windows nothing else writes), else one conversion copy."""
     out, filled = None, 0
     for part in parts:
         at = 0
         while at < len(part):
             if filled == 0 and len(part) - at >= rows:  # the usual case: one piece holds the whole micro-batch
-                yield part[at: at + rows].astype(dtype)
+                yield part[at: at + rows].astype(dtype, copy=False)
                 at += rows
                 continue
             if out is None:

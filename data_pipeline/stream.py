@@ -166,7 +166,7 @@ class _ChunkedReader:
 
 class Verifier:
     """What one reader learns about its local shard files. sha256: checked once per process before first use,
-    from the bytes the read-ahead thread already read when it has them (one pass), else by reading the file.
+    from the mapped bytes the reader then uses (one pass over them), else by reading the file.
     `tar_index`: each fully read shard's member table (tario.py), so later epochs skip header parsing."""
 
     def __init__(self):
@@ -174,7 +174,7 @@ class Verifier:
         self._done: dict[str, bool] = {}
 
     def ok_bytes(self, path: str, sha256: str, data: memoryview) -> bool:
-        """Like `ok`, from the file's bytes already read (one pass over them instead of a second read)."""
+        """Like `ok`, from the file's bytes as mapped (one pass over them instead of a second read)."""
         if path not in self._done:
             self._done[path] = hashlib.sha256(data).hexdigest() == sha256
         return self._done[path]
@@ -207,7 +207,7 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
         raise DataError(f"{url}: cannot open shard ({type(exc).__name__}: {exc})") from None
     wrapped, complete = _ChunkedReader(stream, hasher), False
     try:
-        data = tario.read_whole(stream) if local else None  # small enough: one read, hashed in memory
+        data = tario.map_whole(stream) if local else None  # page-cache views, hashed in place
         if verify and local and "sha256" in info:
             path = str(local_path(url))
             if not (verifier.ok(path, info["sha256"]) if data is None else

@@ -73,7 +73,8 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
                        on_bad_shard=cfg.data.on_bad_shard)
     sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
     train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
-                             shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, **reader_args)
+                             shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, dtype="native",
+                             **reader_args)
     valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
     _check_data_matches_model(cfg, train_data)
     accumulation = dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size)

@@ -83,6 +83,18 @@ def test_shape_dtype_and_seeded_determinism(tiny):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_native_dtype_gives_the_same_tokens_and_states(tiny, num_workers):
+    kw = dict(global_batch_size=GB, seed=5, num_workers=num_workers)
+    wide, native = reader(tiny["shards"], **kw), reader(tiny["shards"], dtype="native", **kw)
+    a = list(itertools.islice(iter(wide), 40))
+    b = list(itertools.islice(iter(native), 40))
+    assert b[0].dtype == np.uint16 and a[0].dtype == np.int64
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and wide.state_dict() == native.state_dict()
+    with pytest.raises(ValueError, match="dtype int64|native"):
+        reader(tiny["shards"], dtype="int32")
+
+
 def test_epoch_is_a_permutation_and_unshuffled_is_manifest_order(tiny):
     rows = manifest_rows(tiny["shards"])
     n = len(rows)
