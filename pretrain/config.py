@@ -105,14 +105,18 @@ class DataConfig:
 class ParallelConfig:
     #: Tensor-parallel size (megatron-core column/row-parallel layers).
     tensor: int = 1
-    #: Pipeline-parallel size. Only 1 until the parallelism issue lands; larger values are refused.
+    #: Pipeline-parallel size: the layers split into this many stages (megatron-core 1F1B schedule).
     pipeline: int = 1
+    #: Model chunks per pipeline rank for the interleaved 1F1B schedule (1 = plain 1F1B); needs pipeline > 1.
+    virtual_pipeline: int = 1
     #: Sequence parallelism on top of tensor parallelism (needs tensor > 1).
     sequence_parallel: bool = False
     #: DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
+    #: Stages 2 and 3 partition gradients inside backward, so they need pipeline 1.
     zero_stage: Literal[0, 1, 2, 3] = 0
-    #: Activation checkpointing: none, or full (recompute every layer in backward; megatron-core recompute).
-    activation_checkpointing: Literal["none", "full"] = "none"
+    #: Activation checkpointing (megatron-core recompute): none; selective (recompute only the attention core,
+    #: cheap to redo, large to keep); full (keep only each layer's input, recompute the layer in backward).
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass
@@ -337,7 +341,7 @@ def validate(cfg: Config) -> None:
                        ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
                        ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.log_every", t.log_every), ("parallel.tensor", p.tensor),
-                       ("parallel.pipeline", p.pipeline)]:
+                       ("parallel.pipeline", p.pipeline), ("parallel.virtual_pipeline", p.virtual_pipeline)]:
         _require(value > 0, key, f"must be > 0, got {value}")
     for key, value in [("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
                        ("train.global_batch_size", t.global_batch_size), ("train.eval_every", t.eval_every),
@@ -359,8 +363,11 @@ def validate(cfg: Config) -> None:
              f"must be 0 or > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(0 <= o.clip_grad < math.inf, "optim.clip_grad", f"must be a finite number >= 0, got {o.clip_grad}")
-    _require(p.pipeline == 1, "parallel.pipeline",
-             f"pipeline parallelism is not available yet (got {p.pipeline}); use 1")
+    _require(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline",
+             f"{p.virtual_pipeline} needs parallel.pipeline > 1 (interleaving splits each pipeline stage)")
+    _require(p.zero_stage <= 1 or p.pipeline == 1, "parallel.zero_stage",
+             f"{p.zero_stage} needs parallel.pipeline 1 (got {p.pipeline}): ZeRO-2/3 partition gradients inside "
+             "DeepSpeed's backward, which the pipeline schedule bypasses; use zero_stage 0 or 1 with pipelines")
     _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
     _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
     for i, source in enumerate(cfg.data.train):

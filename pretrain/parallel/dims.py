@@ -14,16 +14,18 @@ from pretrain.config import Config, ConfigError
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The layout of one job. ``data`` is derived: world / (tensor * pipeline)."""
+    """The layout of one job. ``data`` is derived: world / (tensor * pipeline). ``virtual_pipeline`` model chunks
+    per pipeline rank (interleaved schedule) do not change the number of ranks."""
 
     world_size: int
     tensor: int = 1
     pipeline: int = 1
+    virtual_pipeline: int = 1
     data: int = field(init=False)
 
     def __post_init__(self):
         for key, value in [("world size", self.world_size), ("parallel.tensor", self.tensor),
-                           ("parallel.pipeline", self.pipeline)]:
+                           ("parallel.pipeline", self.pipeline), ("parallel.virtual_pipeline", self.virtual_pipeline)]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         mp = self.tensor * self.pipeline
@@ -37,7 +39,7 @@ class ParallelDims:
     def from_config(cls, cfg: Config, world_size: int) -> "ParallelDims":
         """Build and check the layout against the model and batch sizes; one-line ConfigError naming the key."""
         p, m, t = cfg.parallel, cfg.model, cfg.train
-        dims = cls(world_size=world_size, tensor=p.tensor, pipeline=p.pipeline)
+        dims = cls(world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline)
         ffn = m.ffn_hidden_size or 4 * m.hidden_size
         for key, value in [("model.num_attention_heads", m.num_attention_heads), ("model.ffn_hidden_size", ffn)]:
             if value % p.tensor:
@@ -45,7 +47,16 @@ class ParallelDims:
         if p.sequence_parallel and m.seq_length % p.tensor:
             raise ConfigError(f"model.seq_length ({m.seq_length}) is not divisible by parallel.tensor ({p.tensor}) "
                               "as sequence parallelism needs")
-        dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)  # validates the batch sizes
+        stages = p.pipeline * p.virtual_pipeline
+        if m.num_layers % stages:
+            raise ConfigError(f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline "
+                              f"({p.pipeline}) x parallel.virtual_pipeline ({p.virtual_pipeline}) = {stages}")
+        micro_batches = dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)  # checks batch sizes
+        if p.virtual_pipeline > 1 and micro_batches < p.pipeline:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size or t.micro_batch_size * dims.data}) gives {micro_batches} micro-batches per step "
+                f"(micro {t.micro_batch_size} x data-parallel {dims.data}); the interleaved schedule needs at least "
+                f"parallel.pipeline ({p.pipeline})")
         return dims
 
     def grad_accumulation_steps(self, micro_batch_size: int, global_batch_size: int) -> int:
@@ -63,8 +74,9 @@ class ParallelDims:
 def init_process_groups(dims: ParallelDims, seed: int) -> None:
     """megatron-core's TP/PP/DP groups on the default process group, then its per-TP-rank RNG streams."""
     assert dist.is_initialized() and dist.get_world_size() == dims.world_size
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tensor,
-                                             pipeline_model_parallel_size=dims.pipeline)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tensor, pipeline_model_parallel_size=dims.pipeline,
+        virtual_pipeline_model_parallel_size=dims.virtual_pipeline if dims.virtual_pipeline > 1 else None)
     # Same seed on every rank for init of replicated weights; megatron-core offsets the TP stream per TP rank.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

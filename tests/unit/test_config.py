@@ -185,7 +185,7 @@ def test_optimizer_and_init_ranges(override, key):
     ("--parallel.zero_stage=1.0", "parallel.zero_stage", "1.0"),  # right value, wrong type
     ("--parallel.zero_stage=true", "parallel.zero_stage", "True"),  # True == 1 but is not a stage
     ("--train.precision=fp16", "train.precision", "'fp16'"),
-    ("--parallel.activation_checkpointing=selective", "parallel.activation_checkpointing", "'selective'"),
+    ("--parallel.activation_checkpointing=some", "parallel.activation_checkpointing", "'some'"),
     ("--model.family=bert", "model.family", "'bert'"),
 ])
 def test_wrong_type_names_the_key(override, key, shown):
@@ -300,7 +300,10 @@ def test_must_be_non_negative(key):
     (["--optim.min_lr=0.01"], "optim.min_lr", ["0.01", "0.003"]),  # min_lr > lr (3e-3)
     (["--optim.min_lr=-1.0e-5"], "optim.min_lr", ["-1e-05"]),
     (["--optim.clip_grad=-1.0"], "optim.clip_grad", [">= 0"]),
-    (["--parallel.pipeline=2"], "parallel.pipeline", ["2"]),
+    (["--parallel.pipeline=0"], "parallel.pipeline", ["> 0", "0"]),
+    (["--parallel.virtual_pipeline=2"], "parallel.virtual_pipeline", ["2", "parallel.pipeline > 1"]),
+    (["--parallel.pipeline=2", "--parallel.zero_stage=2"], "parallel.zero_stage", ["2", "pipeline 1 (got 2)"]),
+    (["--parallel.pipeline=2", "--parallel.zero_stage=3"], "parallel.zero_stage", ["3", "zero_stage 0 or 1"]),
     (["--parallel.sequence_parallel=true"], "parallel.sequence_parallel", ["parallel.tensor > 1"]),
     (["--data.train="], "data.train", ["required"]),
 ])

@@ -133,3 +133,25 @@ def test_grad_accumulation_uses_data_parallel_size_not_world():
     assert ParallelDims(world_size=8, tensor=4).grad_accumulation_steps(4, 32) == 4
     with pytest.raises(ConfigError, match=r"data-parallel size \(2\) = 8"):
         ParallelDims(world_size=8, tensor=4).grad_accumulation_steps(4, 12)
+
+
+def test_layers_must_split_over_pipeline_times_virtual_stages():
+    cfg = load(TINY, ["--parallel.pipeline=2", "--parallel.virtual_pipeline=4"])  # 4 layers over 8 chunks
+    with pytest.raises(ConfigError) as info:
+        ParallelDims.from_config(cfg, world_size=2)
+    message = one_line(info)
+    assert message.startswith("model.num_layers (4)") and "parallel.pipeline (2)" in message and "= 8" in message
+    cfg = load(TINY, ["--parallel.pipeline=2", "--parallel.virtual_pipeline=2", "--train.global_batch_size=64"])
+    dims = ParallelDims.from_config(cfg, world_size=4)
+    assert (dims.pipeline, dims.virtual_pipeline, dims.data) == (2, 2, 2)
+
+
+def test_interleaved_schedule_needs_micro_batches_at_least_pipeline():
+    # global 32 = micro 16 x DP 2 -> one micro-batch per step, fewer than the 2 pipeline stages
+    cfg = load(TINY, ["--parallel.pipeline=2", "--parallel.virtual_pipeline=2", "--train.global_batch_size=32"])
+    with pytest.raises(ConfigError) as info:
+        ParallelDims.from_config(cfg, world_size=4)
+    message = one_line(info)
+    assert message.startswith("train.global_batch_size (32) gives 1 micro-batches") and "(2)" in message
+    plain = load(TINY, ["--parallel.pipeline=2", "--train.global_batch_size=32"])  # 1F1B takes one micro-batch
+    assert ParallelDims.from_config(plain, world_size=4).data == 2
