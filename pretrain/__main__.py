@@ -13,6 +13,17 @@ import warnings
 
 def _train(args, overrides: list[str]) -> int:
     from pretrain import config
+
+    for flag, value in [("--world-size", args.world_size), ("--gpu-memory-gib", args.gpu_memory_gib)]:
+        if value is not None and not args.dry_run:  # a real run takes its world from the launcher
+            raise config.ConfigError(f"{flag}: only with --dry-run")
+    if args.dry_run:
+        if args.world_size is None:
+            raise config.ConfigError("--world-size: required with --dry-run (the world to plan for, e.g. 512)")
+        from pretrain.parallel.plan import dry_run
+
+        gpu_memory_gib = 80.0 if args.gpu_memory_gib is None else args.gpu_memory_gib
+        return dry_run(config.load(args.config, overrides), args.world_size, gpu_memory_gib)
     from pretrain.train import main
 
     return main(config.load(args.config, overrides))
@@ -49,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config (works under torchrun and srun)",
                        description="Overrides: --section.key=value, e.g. --train.steps=60 --parallel.zero_stage=2")
     p.add_argument("config", help="YAML run config, e.g. configs/debug/gpt_tiny.yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the layout and print parameters and memory per GPU for --world-size; no GPUs needed")
+    p.add_argument("--world-size", type=int, default=None, help="world to plan for with --dry-run, e.g. 512")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="GPU memory the --dry-run estimate must fit (default 80; 10%% is kept in reserve)")
     p.set_defaults(func=_train, accepts_overrides=True)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
