@@ -9,12 +9,13 @@ side by side in one run, with the page cache warm for every contender:
 * BASE: raw tarfile random access as a user would write it (`tarfile.open(path)`, `extractfile(m).read()`,
   np.frombuffer); raw tarfile in stream mode (`r|`, how webdataset reads, which works for pipes and http too);
   and BASE64: BASE + widening to int64, which is what the reader must hand out (4x the bytes of uint16);
-* ShardReader (dp_size 1, micro-batch 8, global batch 512, int64 output) with 0 and 2 DataLoader workers,
-  with the default sha256 verification and without, with a global batch of 8 (one micro-batch per step: the
-  per-step overhead at its worst), and "inline": without the read-ahead thread (reading in the calling thread). Two
-  consecutive epochs of one reader are timed: the 1st pass (each shard hashed and its tar headers parsed)
-  and the steady state of a multi-epoch run. The shards are read (1st pass: and hashed from the same bytes)
-  by the reader's read-ahead thread while the calling thread shuffles and widens rows to int64.
+* ShardReader (dp_size 1, micro-batch 8, global batch 512; uint16 = dtype="native", what the trainer uses, or
+  int64) with 0 and 2 DataLoader workers, with the default sha256 verification and without, with a global batch
+  of 8 (one micro-batch per step: the per-step overhead at its worst), and "inline": without the read-ahead
+  thread (reading in the calling thread). Two consecutive epochs of one reader are timed: the 1st pass (each
+  shard mapped, hashed and its tar headers parsed) and the steady state of a multi-epoch run (shards still
+  mapped, member tables known). The shards are mapped and hashed by the reader's read-ahead thread while the
+  calling thread shuffles rows into windows and hands out micro-batches.
 
 Prints rows/s, tokens/s and the ratio to raw tar, next to the token rate an H100 needs to train a 1.3B GPT
 (6 N FLOPs per token at ~400 TFLOP/s achieved).
@@ -148,8 +149,8 @@ def main() -> None:
         print(f"{name:40} {seconds:8.3f} {rate / row:10.0f} {rate / 1e6:10.1f} {rate / base:7.2f} "
               f"{rate / base64:8.2f}")
     print("BASE: tarfile.open(path), extractfile(m).read(), np.frombuffer (uint16, what a user would write); "
-          "BASE64: the same + astype(int64), what the reader hands out. Reader rows: int64 micro-batches; 1st pass "
-          "= a fresh reader (hashes each shard, parses tar headers), steady = its next epoch.")
+          "BASE64: the same + astype(int64). Reader rows: micro-batches of the dtype named (uint16 = dtype='native'); "
+          "1st pass = a fresh reader (maps and hashes each shard, parses tar headers), steady = its next epoch.")
     need = H100_FLOPS / (6 * GPT_PARAMS)
     print(f"\nH100 training a {GPT_PARAMS / 1e9:.1f}B GPT at {H100_FLOPS / 1e12:.0f} TFLOP/s needs "
           f"{need / 1e3:.0f}k tokens/s ({need / row:.0f} rows/s of {row}); the slowest reader run above gives "

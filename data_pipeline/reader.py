@@ -178,19 +178,22 @@ class ShardReader:
 
     # ----- the stream -----
 
-    def _produce(self, start: dict, worker: int = 0, workers: int = 1, dtype: np.dtype | None = None,
-                 group: int = 1) -> Iterator[tuple]:
-        """(n, micro-batch, its first global sample index, state after it, skip messages) for the micro-batches
-        n = 0, 1, ... from `start` that this worker builds: those with (n // group) % workers == worker."""
+    def _produce(self, start: dict, worker: int = 0, workers: int = 1, group: int = 1) -> Iterator[list]:
+        """Per global batch, a list of (n, micro-batch, its first global sample index, state after it, skip
+        messages) for the micro-batches n = 0, 1, ... from `start` that this worker builds: those with
+        (n // group) % workers == worker. Micro-batches are in the shards' dtype (`_wire_dtype`): views of the
+        shuffle windows where possible; the consumer converts each as it hands it out."""
         for b in self._blocks:
             b.close()
         try:
-            yield from self._micro_batches(start, worker, workers, dtype or self.dtype, group)
+            yield from self._micro_batches(start, worker, workers, group)
         finally:  # stop the read-ahead threads with the iteration (closed, abandoned or failed)
             for b in self._blocks:
                 b.close()
 
-    def _micro_batches(self, start: dict, worker: int, workers: int, dtype: type, group: int) -> Iterator[tuple]:
+    def _micro_batches(self, start: dict, worker: int, workers: int, group: int) -> Iterator[list]:
+        # One list per global batch, not one generator step per micro-batch: with micro-batches that are views
+        # (no copy), the per-micro-batch Python work is what limits the reader.
         GB, B, m = self.global_batch_size, self.micro_batch_size, self.accumulation
         lo, _ = rank_slice(GB, self.dp_rank, self.dp_size)
         cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name)
@@ -201,12 +204,14 @@ class ShardReader:
                  "positions": [c.position for c in cursors]}
         while True:
             before = after  # the state at this global batch's start
-            mine = tuple(i for i in range(first, m) if (local + i - first) // group % workers == worker)
-            if mine not in masks:
-                masks[mine] = np.zeros(GB, dtype=bool)  # [GB]: global batch positions this worker materialises
+            mine = (tuple(range(first, m)) if workers == 1 else
+                    tuple(i for i in range(first, m) if (local + i - first) // group % workers == worker))
+            wanted = masks.get(mine)
+            if wanted is None:
+                wanted = np.zeros(GB, dtype=bool)  # [GB]: positions this worker materialises
                 for i in mine:
-                    masks[mine][lo + i * B: lo + (i + 1) * B] = True
-            wanted = masks[mine]
+                    wanted[lo + i * B: lo + (i + 1) * B] = True
+                masks[mine] = wanted = int(GB) if wanted.all() else wanted  # all: a count (read_parts' fast path)
             assign = blend(self.weights, consumed, counts, GB)  # [GB] source of each sample
             try:
                 parts = self._gather(cursors, assign, wanted)  # [len(mine) * B, seq_length + 1] in pieces
@@ -215,21 +220,26 @@ class ShardReader:
             consumed += GB
             after = {"consumed_samples": consumed, "micro_batch": 0, "counts": counts.tolist(),
                      "positions": [c.position for c in cursors]}
-            msgs = [x for b in self._blocks for x in b.messages]
-            # Each micro-batch is converted on its own (one copy): a small array stays in cache for the consumer,
-            # and the indices are a number, not an array (per-micro-batch cost is what limits small batches).
-            for i, batch in zip(mine, _split(parts, B, dtype)):
+            msgs = self._blocks[0].messages if len(self._blocks) == 1 else [x for b in self._blocks
+                                                                            for x in b.messages]
+            items, new, index = [], msgs[n_msgs:], consumed - GB + lo
+            for i, batch in zip(mine, _split(parts, B)):
                 state = after if i == m - 1 else {**before, "micro_batch": i + 1}
-                yield local + i - first, batch, consumed - GB + lo + i * B, state, msgs[n_msgs:]
+                items.append((local + i - first, batch, index + i * B, state, new))
+                new = ()  # skip messages come with the first micro-batch after they were found
+            if items:
                 n_msgs = len(msgs)
+                yield items
             local += m - first
             first = 0
 
-    def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+    def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray | int) -> list:
         """Advance every source through one global batch; return the wanted rows in order, in the shards' dtype,
         as consecutive pieces (views of the shuffle windows where possible: no copy here)."""
         if len(cursors) == 1:  # the common case
             return cursors[0].read_parts(wanted)
+        if isinstance(wanted, int):  # every position of the global batch
+            wanted = np.ones(wanted, dtype=bool)
         out = np.empty((int(wanted.sum()), self.seq_length + 1), dtype=self._wire_dtype())
         dest = np.cumsum(wanted) - 1  # [GB] global batch position -> row of out
         for d, cursor in enumerate(cursors):
@@ -249,22 +259,19 @@ class ShardReader:
         """Yield micro-batches from the current position (see the class docstring for loop=False)."""
         source = (self._produce(dict(self._state)) if self.num_workers == 0
                   else _worker_loader(self, dict(self._state)))
+        dtype = self.dtype
         try:
-            if self.num_workers == 0:  # the lean loop: per-micro-batch work is what limits small micro-batches
-                for _, batch, self._first_index, state, messages in source:
+            for items in source:
+                if isinstance(items, tuple) and items[0] == _ERROR_TAG:
+                    raise DataError(items[1])
+                # The lean loop: per-micro-batch work is what limits small micro-batches.
+                for _, batch, self._first_index, state, messages in items:
                     if messages:
                         self._note_skips(messages)
                     # Advance before yielding: a state_dict() taken after receiving a batch points at the next.
                     self._state = state
-                    yield batch
-                return
-            for item in source:
-                if isinstance(item, tuple) and item[0] == _ERROR_TAG:
-                    raise DataError(item[1])
-                for _, batch, self._first_index, state, messages in item:
-                    self._note_skips(messages)
-                    self._state = state
-                    yield batch.astype(self.dtype, copy=False)  # workers send the shards' own dtype
+                    # Converted one micro-batch at a time (int64): a small array, still in cache for the caller.
+                    yield batch if batch.dtype == dtype else batch.astype(dtype)
         finally:
             if not self.loop:  # a pass that ended or was abandoned: the next iter() starts from the beginning
                 self._state = self._initial_state()
@@ -275,25 +282,28 @@ class ShardReader:
                 shutdown()
 
 
-def _split(parts: list[np.ndarray], rows: int, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Consecutive `rows`-row arrays of `dtype` out of the pieces: views when a piece already holds a whole
-    micro-batch in `dtype` (the pieces are fresh shuffle windows nothing else writes), else one conversion copy."""
-    out, filled = None, 0
+def _split(parts: list[np.ndarray], rows: int) -> list[np.ndarray]:
+    """Consecutive `rows`-row arrays out of the pieces: views where a piece holds a whole micro-batch (the pieces
+    are fresh shuffle windows nothing else writes), else one copy joining the pieces it straddles."""
+    out, batches, filled = None, [], 0
     for part in parts:
-        at = 0
-        while at < len(part):
-            if filled == 0 and len(part) - at >= rows:  # the usual case: one piece holds the whole micro-batch
-                yield part[at: at + rows].astype(dtype, copy=False)
-                at += rows
-                continue
+        n, at = len(part), 0
+        while at < n:
+            if filled == 0:  # the usual case: the piece's whole micro-batches from here on, as views
+                whole = at + (n - at) // rows * rows
+                batches += [part[k: k + rows] for k in range(at, whole, rows)]
+                if whole == n:
+                    break
+                at = whole
             if out is None:
-                out = np.empty((rows, part.shape[1]), dtype=dtype)
-            n = min(rows - filled, len(part) - at)
-            out[filled: filled + n] = part[at: at + n]
-            filled, at = filled + n, at + n
+                out = np.empty((rows, part.shape[1]), dtype=part.dtype)
+            k = min(rows - filled, n - at)
+            out[filled: filled + k] = part[at: at + k]
+            filled, at = filled + k, at + k
             if filled == rows:
-                yield out
+                batches.append(out)
                 out, filled = None, 0
+    return batches
 
 
 def _identity(x):
@@ -311,15 +321,15 @@ class _WorkerStream:
 
         info, r = torch.utils.data.get_worker_info(), self.reader
         group = max(1, WORKER_ITEM_ROWS // r.micro_batch_size)
-        # Ship the shards' own dtype (uint16: 4x less to pickle through the pipe); the main process widens.
-        wire = r._wire_dtype()
+        # Ships the shards' own dtype (uint16: 4x less to pickle through the pipe); the main process widens.
         items: list[tuple] = []
         try:
-            for item in r._produce(self.start, info.id, info.num_workers, wire, group):
-                if items and item[0] // group != items[0][0] // group:
-                    yield items
-                    items = []
-                items.append(item)
+            for batch_items in r._produce(self.start, info.id, info.num_workers, group):
+                for item in batch_items:
+                    if items and item[0] // group != items[0][0] // group:
+                        yield items
+                        items = []
+                    items.append(item)
         except DataError as exc:
             # Torch would re-raise in the main process with a multi-line traceback; send the one line instead.
             if items:  # the micro-batches before the error come first, as they do without workers

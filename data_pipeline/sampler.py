@@ -179,16 +179,18 @@ class SourceCursor:
             return np.zeros((0, 0), dtype=np.uint16)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def read_parts(self, keep: np.ndarray) -> list[np.ndarray]:
+    def read_parts(self, keep: np.ndarray | int) -> list[np.ndarray]:
         """Like `read`, as consecutive non-empty pieces (views of the windows where keep allows): no copy of
-        the rows a caller converts anyway."""
-        parts, done, n = [], 0, len(keep)
+        the rows a caller converts anyway. `keep` may be a count n: the next n rows, all kept (no mask to test,
+        which matters at one micro-batch per global batch)."""
+        every = isinstance(keep, int)
+        parts, done, n = [], 0, keep if every else len(keep)
         while done < n:
             self._ensure()
             chunk = min(n - done, len(self._pos) - self._i)
-            rows, k = self._rows[self._i: self._i + chunk], keep[done: done + chunk]  # a view: consecutive rows
-            if not k.all():
-                rows = rows[k]
+            rows = self._rows[self._i: self._i + chunk]  # a view: consecutive rows
+            if not every and not keep[done: done + chunk].all():
+                rows = rows[keep[done: done + chunk]]
             if len(rows):
                 parts.append(rows)
             self._i += chunk
@@ -224,10 +226,10 @@ def blend(weights: Sequence[float], start: int, counts: np.ndarray, n: int) -> n
     `build_blending_indices` uses `max(g, 1)` instead of `g + 1` and always starts from zero counts, so it can
     neither give this rule exactly nor continue from a checkpoint; at a few sources this loop is ~1 µs/sample.
     """
-    w = [float(x) for x in np.asarray(weights, dtype=np.float64) / np.sum(weights)]
-    if len(w) == 1:
+    if len(weights) == 1:  # checked first: at a global batch per micro-batch, this is per-micro-batch work
         counts[0] += n
         return np.zeros(n, dtype=np.int64)
+    w = [float(x) for x in np.asarray(weights, dtype=np.float64) / np.sum(weights)]
     c = [int(x) for x in counts]
     out = np.empty(n, dtype=np.int64)
     for i in range(n):

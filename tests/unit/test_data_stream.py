@@ -225,3 +225,22 @@ def test_no_read_ahead_thread_outlives_its_iterator(tiny):
     del ahead  # garbage: its __del__ sets the stop event; the thread closes the iterator and ends
     gc.collect()
     assert gone() and closed == [True]
+
+
+def test_shard_mappings_are_kept_between_epochs_until_the_file_changes(tiny, tmp_path):
+    from data_pipeline.stream import Verifier, read_shard, resolve_source
+
+    shards = shutil.copytree(tiny["shards"], tmp_path / "shards")
+    src, verifier, path = resolve_source(str(shards)), Verifier(), shards / "shard-000000.tar"
+    first = [rows.copy() for _, rows in read_shard(src, 0, verifier=verifier)]
+    with open(path, "rb") as f:
+        kept = verifier.mapped(f)
+    with open(path, "rb") as f:
+        assert verifier.mapped(f) is kept  # a later epoch reuses the mapping: no page faults again
+    data = path.read_bytes()
+    path.rename(tmp_path / "old.tar")  # kept: the new file cannot get its inode
+    path.write_bytes(data)  # the same bytes in a new file: a new identity, mapped afresh
+    with open(path, "rb") as f:
+        assert verifier.mapped(f) is not kept
+    again = [rows for _, rows in read_shard(src, 0, verifier=verifier)]
+    assert len(again) == len(first) and all(np.array_equal(a, b) for a, b in zip(again, first))
