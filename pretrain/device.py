@@ -11,6 +11,7 @@ Nothing here changes numerics: every shim swaps *where* a buffer or an RNG state
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -146,6 +147,43 @@ def _install_deepspeed_shm_op() -> Callable[[], None]:
     return _patch(ds_comm_torch, "build_shm_op", lambda: None)
 
 
+class _CudaDeviceArgsOnCpu(torch.overrides.TorchFunctionMode):
+    """Inside: `device="cuda"` arguments create CPU tensors and `Tensor.cuda()` returns the tensor itself."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _on_cpu(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaDeviceArgsOnCpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _install_cuda_device_args() -> Callable[[], None]:
+    # mcore's pipeline schedules create their token counter with a literal device="cuda" (schedules.py), and a
+    # last pipeline stage copies the tied word embedding with `weight.data.cuda()` before syncing it with the
+    # first stage (language_module.py). Only these entry points run under the rewriting mode: it costs a Python
+    # call per torch op inside them, so it is not installed process-wide.
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.pipeline_parallel import schedules
+
+    undo = [_patch(schedules, name, _on_cpu(getattr(schedules, name)))
+            for name in ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
+                         "forward_backward_pipelining_with_interleaving")]
+    module = language_module.LanguageModule
+    undo.append(_patch(module, "setup_embeddings_and_output_layer", _on_cpu(module.setup_embeddings_and_output_layer)))
+    return lambda: [u() for u in undo]
+
+
 SHIMS: tuple[Shim, ...] = (
     Shim("current_device", "torch.cuda.current_device (called by megatron.core.tensor_parallel.mappings, utils)",
          "mcore allocates TP communication buffers on torch.cuda.current_device()", _install_current_device),
@@ -156,6 +194,10 @@ SHIMS: tuple[Shim, ...] = (
     Shim("deepspeed_shm_op", "deepspeed.comm.torch.build_shm_op",
          "DeepSpeed JIT-builds a CPU shared-memory comm op on every init (~2 min, can segfault)",
          _install_deepspeed_shm_op),
+    Shim("cuda_device_args", "megatron.core.pipeline_parallel.schedules.forward_backward_*, "
+         "LanguageModule.setup_embeddings_and_output_layer",
+         "pipeline schedules and tied embeddings under pipelining put tensors on a literal 'cuda' device",
+         _install_cuda_device_args),
 )
 
 _installed: dict[str, Callable[[], None]] = {}

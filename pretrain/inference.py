@@ -115,7 +115,9 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, max_batch
         raise CheckpointError(f"{loaded.path}: the run has no data.valid; pass --data")
     reader = ShardReader(data_dir, micro_batch_size=loaded.cfg.train.micro_batch_size, shuffle=False, loop=False)
     batch_fn = loaded.spec.make_batch_fn(loaded.cfg, reader.manifest)
-    return evaluate(loaded.model, loaded.spec, batch_fn, reader, loaded.device, max_batches)
+    model, loss_fn = loaded.model, loaded.spec.loss_fn
+    return evaluate(model, lambda batches: torch.stack([loss_fn(model(**b["inputs"]), b) for b in batches]),
+                    batch_fn, reader, loaded.device, max_batches)
 
 
 @torch.no_grad()

@@ -51,7 +51,8 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     from data_pipeline.reader import ShardReader
     from pretrain.checkpoint import CheckpointManager
     from pretrain.metrics import MetricsLogger
-    from pretrain.parallel.engine import build_engine
+    from pretrain.models.init import init_weights
+    from pretrain.parallel.engine import TrainEngine, build_engine
     from pretrain.trainer import Trainer
 
     init_process_groups(dims, cfg.run.seed)
@@ -84,13 +85,16 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     spec = models.get(cfg.model.family)
     vocab_size = models.padded_vocab_size(cfg.model.vocab_size or train_data.manifest["vocab_size"],
                                           cfg.model.make_vocab_size_divisible_by, dims.tensor)
-    model = spec.build(cfg.model, cfg.parallel, device.dtype, vocab_size).to(device.device)
-    engine = build_engine(model, cfg, dims, device.dtype)
+    chunks = [c.to(device.device) for c in models.build_chunks(spec, cfg.model, cfg.parallel, device.dtype,
+                                                                 vocab_size)]
+    init_weights(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)  # same for every layout
+    engine = TrainEngine(build_engine(chunks, cfg, dims, device.dtype), chunks, spec.loss_fn,
+                         cfg.model.seq_length, cfg.train.micro_batch_size)
 
-    layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "data": dims.data,
-              "zero_stage": cfg.parallel.zero_stage}
+    layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "virtual_pipeline": dims.virtual_pipeline,
+              "data": dims.data, "zero_stage": cfg.parallel.zero_stage}
     if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for c in chunks for p in c.parameters())
         print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
               f"device {device.device} {str(device.dtype).removeprefix('torch.')} | run dir {run_dir}", flush=True)
     return Trainer(

@@ -1,7 +1,8 @@
 """Trainer: fit / train_step / forward_backward. No model-family code and no DeepSpeed branches live here.
 
-The model comes with its ModelSpec (batch_fn, loss_fn); the engine is a DeepSpeed engine whose standard API
-(``backward``, ``step``, ``get_global_grad_norm``) is the same for every ZeRO stage.
+The model comes with its ModelSpec (batch_fn, loss_fn); the engine (pretrain.parallel.engine.TrainEngine) runs a
+step's micro-batches forward and backward and the optimizer step the same way for every layout: ZeRO stage,
+tensor and pipeline parallelism are its business.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, names
 from pretrain.models import BatchFn, ModelSpec
 from pretrain.optim import lr_at
-from pretrain.parallel.engine import verify_replicas
+from pretrain.parallel.engine import TrainEngine, verify_replicas
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainState:
 class Trainer:
     """Runs the loop: steps, logging, evaluation, checkpoints and signal-driven stops, in that order."""
 
-    def __init__(self, cfg: Config, spec: ModelSpec, batch_fn: BatchFn, engine, train_data, valid_data,
+    def __init__(self, cfg: Config, spec: ModelSpec, batch_fn: BatchFn, engine: TrainEngine, train_data, valid_data,
                  checkpoints: CheckpointManager,
                  metrics: MetricsLogger, device: torch.device, accumulation: int, flops_per_token: float,
                  config_yaml: str, layout: dict):
@@ -76,7 +77,7 @@ class Trainer:
                 self.metrics.close()
                 return ft.REQUEUE_EXIT_CODE
         self.metrics.close()
-        digest = verify_replicas(self.engine)
+        digest = verify_replicas(self.engine.engine)
         if dist.get_rank() == 0:
             print(f"parameters identical across {self.dp_size} data-parallel replicas (sha256 {digest[:16]})",
                   flush=True)
@@ -92,19 +93,17 @@ class Trainer:
     def _is_log_step(self) -> bool:
         return self._due(self.cfg.train.log_every) or self.state.step == self.cfg.train.steps or self._is_eval_step()
 
-    def train_step(self, batches) -> dict[str, Any]:
+    def train_step(self, data) -> dict[str, Any]:
         """One optimizer step: ``accumulation`` micro batches forward/backward, then the ZeRO optimizer step."""
         start = time.perf_counter()
         lr = lr_at(self.state.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        for _ in range(self.accumulation):
-            batch = self.batch_fn(next(batches), self.train_data.last_indices, self.device)
-            loss_sum += self.forward_backward(batch)
-            tokens += batch["num_tokens"]
-        self.engine.step()  # DeepSpeed: clip, reduce/partition per ZeRO stage, optimizer.step(), zero_grad
+        batches = [self.batch_fn(next(data), self.train_data.last_indices, self.device)
+                   for _ in range(self.accumulation)]
+        loss = self.engine.forward_backward(batches)  # mean over the micro-batches, on every rank
+        self.engine.step()  # clip, reduce/partition per ZeRO stage, optimizer.step(), zero_grad
+        tokens = sum(batch["num_tokens"] for batch in batches)
         self.state.step += 1
         self.state.tokens += tokens * self.dp_size
 
@@ -112,7 +111,6 @@ class Trainer:
             return {}
         # Logged steps only: one all-reduce for the data-parallel mean loss (TP/PP peers already agree). Its
         # .item() waits for the device, so the step time below includes all queued GPU work.
-        loss = loss_sum / self.accumulation
         dist.all_reduce(loss, group=self.dp_group)
         loss_value = loss.item() / self.dp_size
         step_time = time.perf_counter() - start
@@ -121,7 +119,7 @@ class Trainer:
             names.STEP: self.state.step,
             names.LOSS: loss_value,
             names.LR: lr,
-            names.GRAD_NORM: float(self.engine.get_global_grad_norm() or 0.0),
+            names.GRAD_NORM: self.engine.grad_norm(),
             names.TOKENS_PER_S: tokens_per_s,
             names.STEP_TIME_S: step_time,
             names.TOKENS_TOTAL: self.state.tokens,
@@ -131,17 +129,10 @@ class Trainer:
                if len(self.cfg.data.train) > 1 else {}),
         }
 
-    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward one micro batch, backward through the engine (which scales by 1/accumulation)."""
-        output = self.engine(**batch["inputs"])
-        loss = self.spec.loss_fn(output, batch)
-        self.engine.backward(loss)
-        return loss.detach()
-
     def evaluate(self) -> dict[str, Any]:
         """Validation loss and perplexity on data.valid; merged into the step's metrics record."""
-        result = evaluate(self.engine, self.spec, self.batch_fn, self.valid_data, self.device,
-                          self.cfg.train.eval_batches)
+        result = evaluate(self.engine, self.engine.losses, self.batch_fn, self.valid_data, self.device,
+                          self.cfg.train.eval_batches, group=self.engine.eval_group)
         return {names.VAL_LOSS: result["loss"], names.VAL_PPL: result["ppl"]}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -149,14 +140,14 @@ class Trainer:
     def save(self) -> None:
         """Collective checkpoint of engine + this rank's train state (counters, data position, RNG)."""
         train_state = {"trainer": vars(self.state).copy(), "data": self.train_data.state_dict(), "rng": rng_state()}
-        self.checkpoints.save(self.state.step, self.engine, train_state, self.config_yaml, self.layout)
+        self.checkpoints.save(self.state.step, self.engine.engine, train_state, self.config_yaml, self.layout)
 
     def resume(self) -> None:
         """Continue from checkpoint.load, else from the newest complete checkpoint, else start fresh."""
         path = self.cfg.checkpoint.load or self.checkpoints.latest()
         if not path:
             return
-        train_state = self.checkpoints.load(path, self.engine)
+        train_state = self.checkpoints.load(path, self.engine.engine)
         self.state = TrainState(**train_state["trainer"])
         self.train_data.load_state_dict(train_state["data"])
         set_rng_state(train_state["rng"])

@@ -24,8 +24,9 @@ class ModelSpec:
     """How to build, feed and score one model family."""
 
     name: str
-    #: (model cfg, parallel cfg, params dtype, padded vocab size) -> torch.nn.Module for this rank.
-    build: Callable[[ModelConfig, ParallelConfig, torch.dtype, int], torch.nn.Module]
+    #: (model cfg, parallel cfg, params dtype, padded vocab size, *, pre_process, post_process, vp_stage) ->
+    #: one pipeline chunk of the model for this rank (the whole model when pipeline parallelism is 1).
+    build: Callable[..., torch.nn.Module]
     #: (run config, data manifest) -> the BatchFn for this run (binds options such as special token ids).
     make_batch_fn: Callable[[Config, dict], BatchFn]
     #: (model output, batch) -> scalar loss averaged over this rank's loss tokens.
@@ -48,6 +49,23 @@ def get(name: str) -> ModelSpec:
     if name not in _REGISTRY:
         raise ConfigError(f"model.family: unknown family {name!r} (registered: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
+
+
+def build_chunks(spec: ModelSpec, cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                 vocab_size: int) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual pipeline stage (a single chunk without interleaving), each told
+    whether it holds the embedding (the very first stage) or the output layer (the very last)."""
+    from megatron.core import parallel_state
+
+    stages = parallel.virtual_pipeline if parallel.pipeline > 1 else 1
+    chunks = []
+    for i in range(stages):
+        vp_stage = i if stages > 1 else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunks.append(spec.build(cfg, parallel, dtype, vocab_size, pre_process=first, post_process=last,
+                                 vp_stage=vp_stage))
+    return chunks
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from data_pipeline.batches import causal_mask, gpt_batch
 from pretrain.config import Config, ModelConfig, ParallelConfig
@@ -29,7 +30,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
     Fusions that need Transformer Engine or Apex stay off; megatron-core enables the ones available on CUDA
     through the layer spec instead.
     """
-    on_cuda = torch.cuda.is_available()
+    on_cuda, recompute = torch.cuda.is_available(), parallel.activation_checkpointing
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -44,6 +45,10 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         add_bias_linear=True,
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline if parallel.virtual_pipeline > 1 else None,
+        # Batched isend/irecv gives wrong gradients over gloo when the previous and next stage are the same rank
+        # (interleaved PP=2, measured); one op at a time is correct everywhere, batched is faster with NCCL.
+        batch_p2p_comm=on_cuda,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -57,14 +62,31 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         cuda_graph_scope=[],  # the default "full" is deprecated in this megatron-core and warns on every build
-        recompute_granularity="full" if parallel.activation_checkpointing == "full" else None,
-        recompute_method="uniform" if parallel.activation_checkpointing == "full" else None,
-        recompute_num_layers=1 if parallel.activation_checkpointing == "full" else None,
+        # selective: megatron-core recomputes the attention core (its default recompute_modules); full: every layer.
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
     )
 
 
-def layer_spec():
-    """Transformer Engine's fused layer spec on CUDA when installed, else megatron-core's local (pure torch) one."""
+class LayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm for megatron-core's local layer spec, usable under sequence parallelism.
+
+    megatron-core's local fallback (WrappedTorchNorm, used without Apex) refuses sequence parallelism only
+    because it does not mark its parameters: each TP rank normalises its own slice of the sequence, so the
+    gradients of these replicated parameters must be summed over the TP group, which the engine does for every
+    parameter marked ``sequence_parallel`` (pretrain/parallel/engine.py).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None):
+    """Transformer Engine's fused layer spec on CUDA when installed, else megatron-core's local (pure torch) one
+    with our LayerNorm (for the block's final norm too)."""
     if torch.cuda.is_available():
         try:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -72,20 +94,27 @@ def layer_spec():
             return get_gpt_layer_with_transformer_engine_spec()
         except (ImportError, AssertionError):
             pass
-    return get_gpt_layer_local_spec()
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LayerNorm
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LayerNorm)
 
 
-def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_size: int) -> GPTModel:
-    """GPTModel for this rank (whole model while pipeline parallelism is 1)."""
+def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_size: int,
+          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+    """GPTModel (one pipeline chunk): embedding if ``pre_process``, output layer + loss if ``post_process``;
+    megatron-core picks the chunk's layers from the pipeline rank and ``vp_stage``."""
+    config = transformer_config(cfg, parallel, dtype)
     return GPTModel(
-        config=transformer_config(cfg, parallel, dtype),
-        transformer_layer_spec=layer_spec(),
+        config=config,
+        transformer_layer_spec=layer_spec(config, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=cfg.seq_length,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type=cfg.position_embedding,
+        vp_stage=vp_stage,
     )
 
 

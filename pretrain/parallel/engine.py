@@ -1,13 +1,12 @@
-"""The one DeepSpeed adapter: ZeRO config generated from ours, and the engine built around our model.
-
-The trainer talks to the returned engine through DeepSpeed's engine API (backward, step, grad norm); it never
-branches on the ZeRO stage.
+"""The one DeepSpeed adapter: ZeRO config generated from ours, the engine built around our model chunks, and
+``TrainEngine``, through which the trainer runs every layout without branching on ZeRO stage or pipelining.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 import deepspeed
 import torch
@@ -20,23 +19,29 @@ from pretrain.parallel.dims import DeepSpeedMpu, ParallelDims
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dict:
-    """DeepSpeed's JSON config, generated from ours so there is one source of truth for batch sizes and ZeRO."""
+    """DeepSpeed's JSON config, generated from ours so there is one source of truth for batch sizes and ZeRO.
+
+    With pipelining, megatron-core's schedule runs every micro-batch's backward itself: DeepSpeed then sees one
+    "micro-batch" per step (all of this rank's samples) and reduces gradients once, before its step.
+    """
     t = cfg.train
     accumulation = dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)
-    on_cuda = torch.cuda.is_available()
+    on_cuda, pipelined = torch.cuda.is_available(), dims.pipeline > 1
+    micro, accumulation = (t.micro_batch_size * accumulation, 1) if pipelined else (t.micro_batch_size, accumulation)
     return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": t.micro_batch_size * accumulation * dims.data,
+        "train_batch_size": micro * accumulation * dims.data,
         # DeepSpeed computes the gradient norm only while clipping; a bound no gradient reaches keeps the norm
         # reported when clipping is off.
         "gradient_clipping": cfg.optim.clip_grad or 1e12,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
-            "contiguous_gradients": True,
-            # Overlapping reduction with backward needs CUDA streams; on CPU it only adds copies.
-            "overlap_comm": on_cuda,
+            # Both work inside DeepSpeed's own backward (its reduction buckets and hooks), which a pipeline
+            # schedule bypasses; overlapping also needs CUDA streams (on CPU it only adds copies).
+            "contiguous_gradients": not pipelined,
+            "overlap_comm": on_cuda and not pipelined,
         },
         # Our AdamW is a plain torch optimizer; DeepSpeed calls any optimizer it did not build "untested".
         "zero_allow_untested_optimizer": True,
@@ -45,9 +50,13 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dic
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims, dtype: torch.dtype):
-    """Wrap ``model`` in a DeepSpeed engine with our AdamW. Returns the engine (``engine.module`` is the model)."""
+def build_engine(chunks: list[torch.nn.Module], cfg: Config, dims: ParallelDims, dtype: torch.dtype):
+    """Wrap this rank's model chunks in a DeepSpeed engine with our AdamW (``engine.module`` is the model: the
+    one chunk without pipelining, else a ModuleList of the chunks)."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    model = chunks[0] if dims.pipeline == 1 else torch.nn.ModuleList(chunks)
+    _mark_tied_copy(chunks)
+    _sum_sequence_parallel_grads(model)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, cfg.optim),
@@ -59,18 +68,57 @@ def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims, dtype:
     return engine
 
 
+def _mark_tied_copy(chunks: list[torch.nn.Module]) -> None:
+    """The last stage's copy of a tied word embedding is the first stage's weight held twice: DeepSpeed skips
+    parameters marked ``ds_pipe_replicated`` in the gradient norm, so the norm counts it once."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and \
+            not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        for chunk in chunks:
+            if getattr(chunk, "share_embeddings_and_output_weights", False) and chunk.post_process:
+                chunk.output_layer.weight.ds_pipe_replicated = True
+
+
+def _sum_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Under sequence parallelism each TP rank runs the norms (and row-parallel biases) on its own slice of the
+    sequence, so their replicated parameters get partial gradients: sum them over the TP group as each one is
+    computed (megatron-core leaves this to its DDP wrapper, which DeepSpeed replaces). A hook on the gradient,
+    before DeepSpeed's own accumulate hooks, so every ZeRO stage partitions the summed gradient."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False):
+            param.register_hook(all_reduce)
+
+
 def _record_fp32_grad_norm(engine) -> None:
-    """Make ``get_global_grad_norm()`` answer in the one case DeepSpeed forgets: ZeRO-0 with fp32 parameters.
+    """Clip ZeRO-0 fp32 gradients with a norm that is right under pipelining, and keep the norm.
 
-    There DeepSpeed clips through ``clip_fp32_gradients`` and drops the norm it computed; every other path (ZeRO
-    optimizers, bf16 optimizer) stores it. Same computation, the result is kept.
+    DeepSpeed's ``clip_fp32_gradients`` drops the norm it computes, and that norm skips replicated parameters
+    (norms, biases) on every rank whose model-parallel rank is not 0, which under pipelining is every stage
+    but the first. Counted here: each tensor-parallel shard, replicated parameters on TP rank 0, and the tied
+    embedding once (its last-stage copy is marked ``ds_pipe_replicated``); summed over TP x PP.
     """
-    from deepspeed.runtime.utils import clip_grad_norm_
-
     def clip_and_record():
-        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                               mpu=engine.mpu)
-        engine._global_grad_norm = float(norm)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        counted = [p.grad.detach().float().norm() ** 2 for p in params
+                   if not getattr(p, "ds_pipe_replicated", False)
+                   and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+        total = torch.stack(counted).sum() if counted else torch.zeros((), device=engine.device)
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+        norm = float(total.sqrt())
+        coefficient = engine.gradient_clipping() / (norm + 1e-6)  # DeepSpeed's (and Megatron's) rule
+        if coefficient < 1:
+            for p in params:
+                p.grad.mul_(coefficient)
+        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_record
 
@@ -94,3 +142,101 @@ def verify_replicas(engine) -> str:
     if len(set(hashes)) != 1:
         raise RuntimeError(f"parameters differ across data-parallel replicas: sha256 {sorted(set(hashes))}")
     return mine
+
+
+class TrainEngine:
+    """One optimizer step for any layout, so the trainer never branches on ZeRO stage or pipelining.
+
+    Without pipelining the micro-batches run through DeepSpeed's own forward/backward (ZeRO-2/3 hooks, loss
+    scaling, accumulation). With pipelining megatron-core's 1F1B or interleaved schedule runs them across the
+    stages; gradients of a tied word embedding are then summed over its first- and last-stage copies, and
+    DeepSpeed reduces over data parallelism once before its step. Losses come back on every rank.
+    """
+
+    def __init__(self, engine, chunks: list[torch.nn.Module], loss_fn, seq_length: int, micro_batch_size: int):
+        self.engine, self.chunks, self.loss_fn = engine, chunks, loss_fn
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    def grad_norm(self) -> float:
+        """Global gradient norm of the last step (before clipping), over every parallel dimension."""
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    @property
+    def training(self) -> bool:
+        return self.engine.training
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward_backward(self, batches: list[dict[str, Any]]) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches; the mean of their losses (same on every rank)."""
+        if not self.pipelined:
+            total = torch.zeros((), device=self.engine.device)
+            for i, batch in enumerate(batches):
+                # DeepSpeed counts accumulation in step() calls; we call step() once per optimizer step, so say
+                # which backward ends the step (it reduces gradients there, and step() then updates).
+                self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+                loss = self.loss_fn(self.engine(**batch["inputs"]), batch)
+                self.engine.backward(loss)  # scales by 1 / accumulation
+                total += loss.detach()
+            return total / len(batches)
+        return self._pipeline(batches, forward_only=False)
+
+    def step(self) -> None:
+        """Clip, reduce over data parallelism, update (per ZeRO stage) and zero the gradients."""
+        if self.pipelined:
+            self._sum_tied_embedding_grads()
+            self.engine.allreduce_gradients()  # DeepSpeed's backward does this itself when it runs backward
+        self.engine.step()
+
+    @property
+    def eval_group(self) -> int:
+        """Micro-batches to evaluate per call: the interleaved schedule needs at least one per pipeline stage."""
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        return parallel_state.get_pipeline_model_parallel_world_size() if vpp and vpp > 1 else 1
+
+    @torch.no_grad()
+    def losses(self, batches: list[dict[str, Any]]) -> torch.Tensor:
+        """Forward-only loss of each micro-batch (evaluation), [len(batches)], on every rank."""
+        if not self.pipelined:
+            return torch.stack([self.loss_fn(self.engine(**b["inputs"]), b) for b in batches])
+        n = len(batches)  # a short last group is padded with its last batch to the schedule's minimum
+        return self._pipeline(batches + batches[-1:] * (self.eval_group - n), forward_only=True, mean=False)[:n]
+
+    def _pipeline(self, batches: list[dict[str, Any]], forward_only: bool, mean: bool = True) -> torch.Tensor:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, chunk):
+            batch = next(data_iterator)  # every stage reads the batch: the first its tokens, the last its labels
+
+            def loss(output):
+                value = self.loss_fn(output, batch)
+                return value, {"loss": value.detach().clone()}  # the schedule divides `value` in place
+
+            return chunk(**batch["inputs"]), loss
+
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.chunks],
+            model=self.chunks, num_microbatches=len(batches), seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+        # The last stage holds the losses; the other stages get them from it.
+        losses = torch.stack([o["loss"] for o in out]) if out else torch.zeros(len(batches), device=self.engine.device)
+        dist.broadcast(losses, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return losses.mean() if mean else losses
+
+    def _sum_tied_embedding_grads(self) -> None:
+        group = parallel_state.get_embedding_group(check_initialized=False)
+        if group is None or dist.get_rank() not in dist.get_process_group_ranks(group):
+            return
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        chunk = self.chunks[0] if first else self.chunks[-1]
+        if getattr(chunk, "share_embeddings_and_output_weights", False):
+            weight = chunk.shared_embedding_or_output_weight()
+            if weight.grad is not None:
+                dist.all_reduce(weight.grad, group=group)

@@ -84,6 +84,7 @@ PROVEN_BY = {
     "rng_tracker": "test_rng_tracker_is_needed",
     "recompute_rng": "test_recompute_rng_is_needed",
     "deepspeed_shm_op": "test_deepspeed_shm_op_is_needed",
+    "cuda_device_args": "test_cuda_device_args_is_needed",
 }
 
 
@@ -276,6 +277,35 @@ def _fresh_tracker():
 def _mask(tracker, name) -> torch.Tensor:
     with tracker.fork(name):
         return torch.nn.functional.dropout(torch.ones(4096), p=0.5, training=True) > 0
+
+
+def _schedule_step(model) -> float:
+    """One forward/backward through megatron-core's schedule entry point (the one-stage variant)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pretrain.models import gpt
+
+    rows = np.random.default_rng(0).integers(0, VOCAB, size=(2, 17), dtype=np.int64)
+    batch = gpt.batch_fn(rows, CPU)
+
+    def forward_step(data_iterator, chunk):
+        next(data_iterator)
+        return chunk(**batch["inputs"]), lambda out: (gpt.loss_fn(out, batch), {"loss": gpt.loss_fn(out, batch)})
+
+    out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+                                      num_microbatches=1, seq_length=16, micro_batch_size=2)
+    return float(out[0]["loss"])
+
+
+def test_cuda_device_args_is_needed():
+    model = tiny_gpt()
+    assert _schedule_step(model) == pytest.approx(forward_backward(tiny_gpt()), rel=1e-6)
+    with without("cuda_device_args"):
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA|cuda"):
+            _schedule_step(tiny_gpt())
+        weight = torch.zeros(2)
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA|cuda"):
+            weight.cuda()  # what a tied last pipeline stage does to its output weight
 
 
 def test_tracker_streams_differ_by_name_and_seed():
