@@ -79,6 +79,7 @@ def test_layout_matches_single_process(runs, name):
     for step in ref:
         assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), (name, step)
         assert ours[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), (name, step)
-    if name != "one micro-batch per step":  # eval_batches counts micro-batches: that run validates on more rows
+    # eval_batches counts each rank's micro-batches: a larger micro batch or DP size validates on more rows.
+    if name != "one micro-batch per step" and "DP=2" not in name:
         assert ours[STEPS]["val_loss"] == pytest.approx(ref[STEPS]["val_loss"], rel=1e-5), name
     assert ref[STEPS]["loss"] < ref[1]["loss"]  # it trains
