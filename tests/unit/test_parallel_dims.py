@@ -21,6 +21,13 @@ def one_line(info) -> str:
     return message
 
 
+def layout_error(overrides: list[str], world_size: int) -> str:
+    """The one-line ConfigError ParallelDims.from_config gives for gpt_tiny with these overrides."""
+    with pytest.raises(ConfigError) as info:
+        ParallelDims.from_config(load(TINY, overrides), world_size=world_size)
+    return one_line(info)
+
+
 @pytest.mark.parametrize("world, tp, pp, dp", [(1, 1, 1, 1), (8, 2, 2, 2), (8, 8, 1, 1), (12, 2, 3, 2),
                                                (16, 1, 4, 4), (6, 3, 1, 2)])
 def test_data_parallel_size_is_derived(world, tp, pp, dp):
@@ -63,35 +70,26 @@ def test_from_config_tiny_and_1_3b():
 
 
 def test_from_config_world_not_divisible():
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(load(TINY, ["--parallel.tensor=2"]), world_size=3)
-    assert "parallel.tensor (2)" in one_line(info) and "world size 3" in str(info.value)
+    message = layout_error(["--parallel.tensor=2"], world_size=3)
+    assert "parallel.tensor (2)" in message and "world size 3" in message
 
 
 def test_heads_not_divisible_by_tensor():
-    cfg = load(TINY, ["--parallel.tensor=3"])  # 4 heads over TP 3
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(cfg, world_size=3)
-    message = one_line(info)
+    message = layout_error(["--parallel.tensor=3"], world_size=3)  # 4 heads over TP 3
     assert message.startswith("model.num_attention_heads (4)") and "parallel.tensor (3)" in message
 
 
 def test_ffn_not_divisible_by_tensor():
     # Heads (4) split over TP 4 fine; the MLP width 770 does not.
-    cfg = load(TINY, ["--parallel.tensor=4", "--model.ffn_hidden_size=770"])
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(cfg, world_size=4)
-    message = one_line(info)
+    message = layout_error(["--parallel.tensor=4", "--model.ffn_hidden_size=770"], world_size=4)
     assert message.startswith("model.ffn_hidden_size (770)") and "parallel.tensor (4)" in message
     # The default MLP width (4 * 192 = 768) splits.
     assert ParallelDims.from_config(load(TINY, ["--parallel.tensor=4"]), world_size=4).data == 1
 
 
 def test_sequence_parallel_needs_seq_length_divisible():
-    cfg = load(TINY, ["--parallel.tensor=4", "--parallel.sequence_parallel=true", "--model.seq_length=130"])
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(cfg, world_size=4)
-    message = one_line(info)
+    message = layout_error(["--parallel.tensor=4", "--parallel.sequence_parallel=true", "--model.seq_length=130"],
+                           world_size=4)
     assert message.startswith("model.seq_length (130)") and "parallel.tensor (4)" in message
     # Without sequence parallelism the same length is fine.
     cfg = load(TINY, ["--parallel.tensor=4", "--model.seq_length=130"])
@@ -99,10 +97,7 @@ def test_sequence_parallel_needs_seq_length_divisible():
 
 
 def test_global_batch_not_divisible():
-    cfg = load(TINY, ["--train.global_batch_size=96"])  # micro 16 x DP 4 = 64 does not divide 96
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(cfg, world_size=4)
-    message = one_line(info)
+    message = layout_error(["--train.global_batch_size=96"], world_size=4)  # micro 16 x DP 4 = 64 does not divide 96
     assert message.startswith("train.global_batch_size (96)")
     assert "train.micro_batch_size (16)" in message and "data-parallel size (4)" in message and "= 64" in message
 
@@ -136,10 +131,8 @@ def test_grad_accumulation_uses_data_parallel_size_not_world():
 
 
 def test_layers_must_split_over_pipeline_times_virtual_stages():
-    cfg = load(TINY, ["--parallel.pipeline=2", "--parallel.virtual_pipeline=4"])  # 4 layers over 8 chunks
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(cfg, world_size=2)
-    message = one_line(info)
+    # 4 layers over 2 x 4 = 8 chunks
+    message = layout_error(["--parallel.pipeline=2", "--parallel.virtual_pipeline=4"], world_size=2)
     assert message.startswith("model.num_layers (4)") and "parallel.pipeline (2)" in message and "= 8" in message
     cfg = load(TINY, ["--parallel.pipeline=2", "--parallel.virtual_pipeline=2", "--train.global_batch_size=64"])
     dims = ParallelDims.from_config(cfg, world_size=4)
@@ -148,10 +141,8 @@ def test_layers_must_split_over_pipeline_times_virtual_stages():
 
 def test_interleaved_schedule_needs_micro_batches_at_least_pipeline():
     # global 32 = micro 16 x DP 2 -> one micro-batch per step, fewer than the 2 pipeline stages
-    cfg = load(TINY, ["--parallel.pipeline=2", "--parallel.virtual_pipeline=2", "--train.global_batch_size=32"])
-    with pytest.raises(ConfigError) as info:
-        ParallelDims.from_config(cfg, world_size=4)
-    message = one_line(info)
+    message = layout_error(["--parallel.pipeline=2", "--parallel.virtual_pipeline=2", "--train.global_batch_size=32"],
+                           world_size=4)
     assert message.startswith("train.global_batch_size (32) gives 1 micro-batches") and "(2)" in message
     plain = load(TINY, ["--parallel.pipeline=2", "--train.global_batch_size=32"])  # 1F1B takes one micro-batch
     assert ParallelDims.from_config(plain, world_size=4).data == 2
