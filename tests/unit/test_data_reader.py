@@ -1,75 +1,15 @@
-"""ShardReader: global order, DP slicing, exact resume across dp/micro changes, blending, workers, URLs, bad input."""
+"""ShardReader: global order, DP slicing, exact resume across dp/micro changes, blending, workers, URLs.
+Bad input (corrupt, truncated, missing shards; checksum and tokenizer mismatches): test_data_reader_bad_input.py."""
 
 import itertools
 import json
-import shutil
-import tarfile
 
 import numpy as np
 import pytest
 
 from data_pipeline import DataError, ShardReader
-from data_pipeline.corpus import iter_records
-from data_pipeline.shards import prepare_shards
-from data_pipeline.testing import build_tiny_dataset, write_corpus_slice
-
-GB = 8  # global batch size in most tests
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    # 13 shards of 5 blocks x 8 rows (33 tokens), the last one short.
-    return build_tiny_dataset(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def others(tiny, tmp_path_factory):
-    """Two more sources with the same tokenizer and different documents (so their rows are distinguishable)."""
-    out, seen = [], [r["id"] for r in iter_records(tiny["corpus"])]
-    for k in (1, 2):
-        d = tmp_path_factory.mktemp(f"other{k}")
-        corpus = write_corpus_slice(d / "corpus.jsonl", num_docs=2, chars_per_doc=3000, skip_ids=tuple(seen))
-        seen += [r["id"] for r in iter_records(corpus)]
-        prepare_shards([str(corpus)], str(tiny["tokenizer"]), str(d / "shards"), 32, samples_per_shard=3,
-                       sequences_per_sample=8)
-        out.append(d / "shards")
-    return out
-
-
-@pytest.fixture
-def shards(tiny, tmp_path):
-    """A private copy of the shards that a test may damage."""
-    return shutil.copytree(tiny["shards"], tmp_path / "shards")
-
-
-def manifest_rows(shard_dir):
-    """Every row in manifest order, read with plain tarfile (independent of the reader): int64 [N, 33]."""
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
-    rows = []
-    for info in manifest["shards"]:
-        with tarfile.open(shard_dir / info["name"]) as tar:
-            rows += [np.frombuffer(tar.extractfile(m).read(), "<u2").reshape(-1, 33) for m in tar]
-    return np.concatenate(rows).astype(np.int64)
-
-
-def keyset(rows):
-    return {r.tobytes() for r in rows}
-
-
-def reader(src, **kw):
-    return ShardReader(str(src) if not isinstance(src, (list, dict)) else src, **{"micro_batch_size": 2, **kw})
-
-
-def ranks(src, dp, **kw):
-    return [reader(src, dp_rank=r, dp_size=dp, **kw) for r in range(dp)]
-
-
-def steps(readers, n, its=None):
-    """n optimizer steps of every rank -> (global batches [n, GB, 33] with ranks concatenated, iterators)."""
-    its = its or [iter(r) for r in readers]
-    out = [np.concatenate([next(it) for r, it in zip(readers, its) for _ in range(r.accumulation)])
-           for _ in range(n)]
-    return np.stack(out), its
+from tests.unit.reader_support import (GB, damage_sha, keyset, manifest_rows, one_line, others, ranks,  # noqa: F401
+                                       reader, shards, steps, tiny)
 
 
 def test_shape_dtype_and_seeded_determinism(tiny):
@@ -185,121 +125,6 @@ def test_blend_proportions_and_rows_come_from_the_chosen_source(tiny, others):
     want = reference_blend([0.7, 0.2, 0.1], 10_000)
     assert all(row.tobytes() in sets[d] for row, d in zip(rows, want))
     assert r.state_dict()["counts"] == np.bincount(want).tolist()
-
-
-def damage_sha(shards, name):
-    path = shards / name
-    data = bytearray(path.read_bytes())
-    data[1000] ^= 0xFF  # same size, different bytes (inside token data)
-    path.write_bytes(bytes(data))
-
-
-def test_skip_bad_shard_is_deterministic_counted_and_resumable(shards):
-    damage_sha(shards, "shard-000003.tar")
-    bad = keyset(manifest_rows(shards)[120:160])  # shard 3 holds rows 120..159
-    with pytest.raises(DataError, match="shard-000003.tar.*sha256"):
-        steps([reader(shards, micro_batch_size=GB, seed=1)], 80)
-    with pytest.warns(RuntimeWarning, match="shard-000003.tar"):
-        r = reader(shards, micro_batch_size=GB, seed=1, on_bad_shard="skip")
-        ref, _ = steps([r], 80)
-    assert r.skipped_shards == 1 and not keyset(ref.reshape(-1, 33)) & bad
-    epoch0 = keyset(ref.reshape(-1, 33)[: 494 - 40])
-    assert len(epoch0) == 494 - 40  # every other row once: the bad shard's rows are stepped over, not repeated
-    state = r.state_dict()
-    assert 40 <= state["positions"][0] - state["counts"][0] <= 80  # stream rows stepped over: not handed out
-    with pytest.warns(RuntimeWarning):
-        got, _ = steps(ranks(shards, 2, global_batch_size=GB, seed=1, on_bad_shard="skip"), 80)
-        assert np.array_equal(got, ref)  # every rank skips the same rows
-        in_workers = reader(shards, micro_batch_size=GB, seed=1, on_bad_shard="skip", num_workers=2)
-        assert np.array_equal(steps([in_workers], 80)[0], ref) and in_workers.skipped_shards == 1
-        head = ranks(shards, 2, global_batch_size=GB, seed=1, on_bad_shard="skip")
-        part, _ = steps(head, 30)
-        tail = reader(shards, micro_batch_size=4, global_batch_size=GB, seed=1, on_bad_shard="skip")
-        tail.load_state_dict(head[1].state_dict())
-        rest, _ = steps([tail], 50)
-        # Mid-step, after the skip: the state keeps the position of the step's start.
-        mid = reader(shards, global_batch_size=GB, seed=1, on_bad_shard="skip")
-        first = list(itertools.islice(iter(mid), 4 * 70 + 1))
-        again = reader(shards, global_batch_size=GB, seed=1, on_bad_shard="skip")
-        again.load_state_dict(mid.state_dict())
-        assert np.array_equal(next(iter(again)), ref[70, 2:4]) and np.array_equal(first[-1], ref[70, :2])
-    assert np.array_equal(np.concatenate([part, rest]), ref)
-
-
-def test_skip_truncated_tar_keeps_the_readable_blocks(shards):
-    manifest = json.loads((shards / "manifest.json").read_text())
-    for s in manifest["shards"]:
-        del s["bytes"]
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-    rows = manifest_rows(shards)
-    path = shards / "shard-000000.tar"
-    path.write_bytes(path.read_bytes()[:3000])  # cut inside the 2nd of 5 members (1536 bytes each)
-    with pytest.warns(RuntimeWarning, match="shard-000000.tar"):
-        r = reader(shards, micro_batch_size=1, shuffle=False, loop=False, verify_checksums=False,
-                   on_bad_shard="skip")
-        got = np.concatenate(list(r))  # one pass: ends where the (shortened) epoch ends
-    kept = len(got) - (len(rows) - 40)  # rows kept from shard 0: whole blocks before the damage
-    assert kept in (8, 16) and np.array_equal(got, np.concatenate([rows[:kept], rows[40:]]))
-    assert r.skipped_shards == 1
-
-
-# ----- bad input: one-line DataError naming the file -----
-
-def one_line(exc_info, name):
-    msg = str(exc_info.value)
-    assert "\n" not in msg and name in msg, msg
-
-
-def test_missing_manifest_and_missing_or_resized_shard(tmp_path, shards):
-    with pytest.raises(DataError) as e:
-        reader(tmp_path)
-    one_line(e, "manifest.json")
-    (shards / "shard-000004.tar").unlink()
-    with pytest.raises(DataError, match="missing") as e:
-        reader(shards)
-    one_line(e, "shard-000004.tar")
-    path = shards / "shard-000002.tar"
-    path.write_bytes(path.read_bytes()[:3000])
-    with pytest.raises(DataError, match="3000 bytes, manifest.json says") as e:
-        reader(shards, on_bad_shard="error")
-    one_line(e, "shard-000002.tar")  # the first problem in manifest order
-    with pytest.warns(RuntimeWarning) as warned:  # skip: both are reported at open, on every rank alike
-        r = reader(shards, on_bad_shard="skip", verify_checksums=False)
-    assert r.skipped_shards == 2 and len(warned) == 2
-    assert "shard-000002.tar" in str(warned[0].message) and "shard-000004.tar" in str(warned[1].message)
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_truncated_or_corrupt_tar_while_reading(shards, num_workers):
-    manifest = json.loads((shards / "manifest.json").read_text())
-    for s in manifest["shards"]:
-        del s["bytes"]
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-    cut = shards / "shard-000000.tar"
-    cut.write_bytes(cut.read_bytes()[:3000])
-    junk = shards / "shard-000001.tar"
-    data = bytearray(junk.read_bytes())
-    data[1536:1536 + 512] = b"\x07" * 512  # the 2nd member's header: garbage of the same size
-    junk.write_bytes(bytes(data))
-    for name, skip in (("shard-000000.tar", 0), ("shard-000001.tar", 40)):
-        r = reader(shards, micro_batch_size=4, shuffle=False, verify_checksums=False, num_workers=num_workers,
-                   shuffle_window_blocks=5)  # a window per shard: starting at shard 1 does not read shard 0
-        r.load_state_dict({**r.state_dict(), "consumed_samples": skip, "counts": [skip], "positions": [skip]})
-        with pytest.raises(DataError, match="truncated") as e:  # a garbage header reads as the archive's end
-            list(itertools.islice(iter(r), 20))
-        one_line(e, name)
-
-
-def test_checksum_and_tokenizer_mismatch(tiny, shards):
-    damage_sha(shards, "shard-000001.tar")
-    r = reader(shards, micro_batch_size=4, shuffle=False)
-    with pytest.raises(DataError, match="sha256") as e:
-        list(itertools.islice(iter(r), 20))  # shard 1 holds rows 40..79
-    one_line(e, "shard-000001.tar")
-    with pytest.raises(DataError, match="tokenizer") as e:
-        reader(tiny["shards"], expected_tokenizer_sha256="0" * 64)
-    one_line(e, "manifest.json")
-    assert reader(tiny["shards"], expected_tokenizer_sha256=tiny["manifest"]["tokenizer_sha256"]).manifest
 
 
 def test_brace_pattern_and_pipe_urls_read_the_same_rows(tiny, shards):

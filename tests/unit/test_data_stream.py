@@ -132,7 +132,12 @@ def read_ahead_threads():
 
 
 def gone(timeout=5.0):
-    """True once no read-ahead thread runs (a garbage-collected one notices its stop event within ~0.1 s)."""
+    """True once no read-ahead thread runs (a garbage-collected one notices its stop event within ~0.1 s).
+
+    Collects garbage first: an earlier test's abandoned reader can sit in a reference cycle (a DataError's
+    traceback holds the frame that holds the reader) until the cyclic collector happens to run, which makes the
+    outcome depend on test order."""
+    gc.collect()
     deadline = time.monotonic() + timeout
     while read_ahead_threads() and time.monotonic() < deadline:
         time.sleep(0.02)
