@@ -53,8 +53,9 @@ class ParallelDims:
                               f"({p.pipeline}) x parallel.virtual_pipeline ({p.virtual_pipeline}) = {stages}")
         micro_batches = dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)  # checks batch sizes
         if p.virtual_pipeline > 1 and micro_batches < p.pipeline:
+            global_batch = t.global_batch_size or t.micro_batch_size * dims.data
             raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size or t.micro_batch_size * dims.data}) gives {micro_batches} micro-batches per step "
+                f"train.global_batch_size ({global_batch}) gives {micro_batches} micro-batches per step "
                 f"(micro {t.micro_batch_size} x data-parallel {dims.data}); the interleaved schedule needs at least "
                 f"parallel.pipeline ({p.pipeline})")
         return dims

@@ -185,7 +185,7 @@ class TrainEngine:
                 self.engine.backward(loss)  # scales by 1 / accumulation
                 total += loss.detach()
             return total / len(batches)
-        return self._pipeline(batches, forward_only=False)
+        return self._pipeline(batches, forward_only=False).mean()
 
     def step(self) -> None:
         """Clip, reduce over data parallelism, update (per ZeRO stage) and zero the gradients."""
@@ -206,9 +206,10 @@ class TrainEngine:
         if not self.pipelined:
             return torch.stack([self.loss_fn(self.engine(**b["inputs"]), b) for b in batches])
         n = len(batches)  # a short last group is padded with its last batch to the schedule's minimum
-        return self._pipeline(batches + batches[-1:] * (self.eval_group - n), forward_only=True, mean=False)[:n]
+        return self._pipeline(batches + batches[-1:] * (self.eval_group - n), forward_only=True)[:n]
 
-    def _pipeline(self, batches: list[dict[str, Any]], forward_only: bool, mean: bool = True) -> torch.Tensor:
+    def _pipeline(self, batches: list[dict[str, Any]], forward_only: bool) -> torch.Tensor:
+        """Each micro-batch's loss [len(batches)] through megatron-core's schedule, on every rank."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, chunk):
@@ -225,10 +226,11 @@ class TrainEngine:
             model=self.chunks, num_microbatches=len(batches), seq_length=self.seq_length,
             micro_batch_size=self.micro_batch_size, forward_only=forward_only)
         # The last stage holds the losses; the other stages get them from it.
-        losses = torch.stack([o["loss"] for o in out]) if out else torch.zeros(len(batches), device=self.engine.device)
+        losses = torch.stack([o["loss"] for o in out]) if out else torch.zeros(len(batches),
+                                                                               device=self.engine.device)
         dist.broadcast(losses, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-        return losses.mean() if mean else losses
+        return losses
 
     def _sum_tied_embedding_grads(self) -> None:
         group = parallel_state.get_embedding_group(check_initialized=False)
