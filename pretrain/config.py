@@ -34,8 +34,9 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    #: Model family, a key of the ModelSpec registry (pretrain/models): gpt (bert, transformer_xl follow).
-    family: Literal["gpt"] = "gpt"
+    #: Model family, a key of the ModelSpec registry (pretrain/models): gpt, bert (MLM + NSP) or
+    #: transformer_xl (segment memory + relative positions).
+    family: Literal["gpt", "bert", "transformer_xl"] = "gpt"
     #: Number of transformer layers.
     num_layers: int = 2
     #: Hidden size (d_model).
@@ -64,6 +65,29 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     #: Tie input embedding and output projection (GPT-2 does).
     tie_embeddings: bool = True
+    #: BERT: fraction of non-special tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept).
+    mask_prob: float = 0.15
+    #: BERT: chance a sample is shorter than seq_length (the paper's short_seq_prob; fewer mismatches with
+    #: fine-tuning lengths).
+    short_seq_prob: float = 0.1
+    #: BERT: train the next-sentence-prediction head (loss = MLM + NSP); false trains MLM only.
+    nsp: bool = True
+    #: Transformer-XL: hidden states per layer kept from earlier segments and attended to without gradient
+    #: (the paper's mem_len); model.seq_length is the segment length (tgt_len).
+    mem_length: int = 0
+    #: Transformer-XL: relative distances beyond this share one encoding (the paper's clamp_len); 0: no clamp.
+    clamp_len: int = 0
+    #: Transformer-XL: every query attends to the same number of keys (the reference's same_length).
+    same_length: bool = False
+    #: Transformer-XL: memory length during evaluation (the paper evaluates with longer memory); -1: mem_length.
+    eval_mem_length: int = -1
+    #: Transformer-XL: clamp_len during evaluation; -1: clamp_len, 0: no clamp.
+    eval_clamp_len: int = -1
+    #: Transformer-XL: same_length during evaluation (the reference turns it on for evaluation).
+    eval_same_length: bool = False
+    #: Transformer-XL: a separate u (r_w_bias) and v (r_r_bias) per layer; false shares one pair across
+    #: layers, as the paper and the reference's default do.
+    untie_r: bool = False
 
 
 @dataclass
@@ -351,7 +375,12 @@ def validate(cfg: Config) -> None:
         _require(value >= 0, key, f"must be >= 0, got {value}")
     _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
              f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
-    for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
+    for key, value in [("model.mem_length", m.mem_length), ("model.clamp_len", m.clamp_len)]:
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    for key, value in [("model.eval_mem_length", m.eval_mem_length), ("model.eval_clamp_len", m.eval_clamp_len)]:
+        _require(value >= -1, key, f"must be >= 0, or -1 for the training value; got {value}")
+    for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout),
+                       ("model.mask_prob", m.mask_prob), ("model.short_seq_prob", m.short_seq_prob)]:
         _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
     for key, value in [("optim.lr", o.lr), ("optim.eps", o.eps), ("model.init_method_std", m.init_method_std),
                        ("model.layernorm_epsilon", m.layernorm_epsilon)]:
@@ -369,6 +398,9 @@ def validate(cfg: Config) -> None:
              f"{p.zero_stage} needs parallel.pipeline 1 (got {p.pipeline}): ZeRO-2/3 partition gradients inside "
              "DeepSpeed's backward, which the pipeline schedule bypasses; use zero_stage 0 or 1 with pipelines")
     _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+    _require(m.family != "transformer_xl" or p.activation_checkpointing != "full", "parallel.activation_checkpointing",
+             "full recomputation would run each Transformer-XL segment twice and update its memory twice; use "
+             "none or selective")
     _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
     for i, source in enumerate(cfg.data.train):
         _require(bool(source.path), f"data.train[{i}].path", "is required")

@@ -48,7 +48,6 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     # Imported here, after the device layer ran: DeepSpeed picks its accelerator when first imported.
     from megatron.core import parallel_state
 
-    from data_pipeline.reader import ShardReader
     from pretrain.checkpoint import CheckpointManager
     from pretrain.metrics import MetricsLogger
     from pretrain.models.init import init_weights
@@ -72,17 +71,12 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     reader_args = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                        seed=cfg.run.seed, num_workers=cfg.data.num_workers, expected_tokenizer_sha256=tokenizer_sha,
                        on_bad_shard=cfg.data.on_bad_shard)
-    sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
-    train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
-                             shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, dtype="native",
-                             **reader_args)
-    valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
-    _check_data_matches_model(cfg, train_data)
+    spec = models.get(cfg.model.family)
+    train_data, valid_data = (spec.make_readers or shard_readers)(cfg, reader_args)
     accumulation = dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size)
     assert train_data.accumulation == accumulation, (train_data.accumulation, accumulation)
 
     # Model and engine.
-    spec = models.get(cfg.model.family)
     vocab_size = models.padded_vocab_size(cfg.model.vocab_size or train_data.manifest["vocab_size"],
                                           cfg.model.make_vocab_size_divisible_by, dims.tensor)
     chunks = [c.to(device.device) for c in models.build_chunks(spec, cfg.model, cfg.parallel, device.dtype,
@@ -107,6 +101,19 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         config_yaml=to_yaml(cfg),
         layout=layout,
     )
+
+
+def shard_readers(cfg: Config, reader_args: dict):
+    """Shuffled, blended training reader and in-order validation reader (GPT, BERT): rows [b, s+1]."""
+    from data_pipeline.reader import ShardReader
+
+    sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
+    train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
+                             shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, dtype="native",
+                             **reader_args)
+    valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
+    _check_data_matches_model(cfg, train_data)
+    return train_data, valid_data
 
 
 def init_distributed(backend: str) -> None:

@@ -138,8 +138,10 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Collective checkpoint of engine + this rank's train state (counters, data position, RNG)."""
-        train_state = {"trainer": vars(self.state).copy(), "data": self.train_data.state_dict(), "rng": rng_state()}
+        """Collective checkpoint of engine + this rank's train state (counters, data position, RNG, model
+        memory)."""
+        train_state = {"trainer": vars(self.state).copy(), "data": self.train_data.state_dict(), "rng": rng_state(),
+                       "memory": self.engine.memory_state()}
         self.checkpoints.save(self.state.step, self.engine.engine, train_state, self.config_yaml, self.layout)
 
     def resume(self) -> None:
@@ -150,6 +152,7 @@ class Trainer:
         train_state = self.checkpoints.load(path, self.engine.engine)
         self.state = TrainState(**train_state["trainer"])
         self.train_data.load_state_dict(train_state["data"])
+        self.engine.load_memory_state(train_state.get("memory", []))
         set_rng_state(train_state["rng"])
         if dist.get_rank() == 0:
             print(f"resumed from {path} at step {self.state.step}", flush=True)

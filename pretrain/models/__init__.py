@@ -14,8 +14,10 @@ import torch
 
 from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig
 
-#: (rows int64 [b, s+1], global sample index of each row int64 [b], device) -> batch dict; batch["inputs"] are
-#: the model's keyword arguments, batch["loss_mask"] weights the loss, batch["num_tokens"] counts trained tokens.
+#: (rows [b, s+1], where each row sits in the data order (the reader's last_indices), device) -> batch dict;
+#: batch["inputs"] are the model's keyword arguments, batch["loss_mask"] weights the loss, batch["num_tokens"]
+#: counts trained tokens. The position is the global sample index int64 [b] for shuffled readers, and
+#: (lane, token offset) int64 [b, 2] for an ordered stream (Transformer-XL).
 BatchFn = Callable[[np.ndarray, np.ndarray, torch.device], dict[str, Any]]
 
 
@@ -33,6 +35,10 @@ class ModelSpec:
     loss_fn: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
     #: (model cfg, padded vocab size) -> training FLOPs per token (forward + backward), for MFU.
     flops_per_token: Callable[[ModelConfig, int], float]
+    #: (run config, reader keyword arguments) -> (train reader, validation reader or None). None: shuffled
+    #: ShardReaders over data.train / data.valid (pretrain.train.shard_readers); Transformer-XL reads ordered
+    #: streams instead. The keyword arguments are those every reader takes (micro_batch_size, dp_rank, ...).
+    make_readers: Callable[[Config, dict], tuple[Any, Any]] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

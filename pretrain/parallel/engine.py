@@ -69,13 +69,22 @@ def build_engine(chunks: list[torch.nn.Module], cfg: Config, dims: ParallelDims,
 
 
 def _mark_tied_copy(chunks: list[torch.nn.Module]) -> None:
-    """The last stage's copy of a tied word embedding is the first stage's weight held twice: DeepSpeed skips
-    parameters marked ``ds_pipe_replicated`` in the gradient norm, so the norm counts it once."""
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and \
-            not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
-        for chunk in chunks:
-            if getattr(chunk, "share_embeddings_and_output_weights", False) and chunk.post_process:
-                chunk.output_layer.weight.ds_pipe_replicated = True
+    """Parameters held more than once in one model replica are counted once in the gradient norm (DeepSpeed
+    skips those marked ``ds_pipe_replicated``): the last stage's copy of a tied word embedding, and every copy
+    but the first chunk's of a parameter marked ``pipeline_shared`` (one that every pipeline chunk holds, e.g.
+    Transformer-XL's shared u and v)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    for i, chunk in enumerate(chunks):
+        if not first_stage and getattr(chunk, "share_embeddings_and_output_weights", False) and chunk.post_process:
+            chunk.output_layer.weight.ds_pipe_replicated = True
+        for param in _pipeline_shared(chunk):
+            param.ds_pipe_replicated = not (first_stage and i == 0)
+
+
+def _pipeline_shared(chunk: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in chunk.parameters() if getattr(p, "pipeline_shared", False)]
 
 
 def _sum_sequence_parallel_grads(model: torch.nn.Module) -> None:
@@ -191,6 +200,7 @@ class TrainEngine:
         """Clip, reduce over data parallelism, update (per ZeRO stage) and zero the gradients."""
         if self.pipelined:
             self._sum_tied_embedding_grads()
+            self._sum_pipeline_shared_grads()
             self.engine.allreduce_gradients()  # DeepSpeed's backward does this itself when it runs backward
         self.engine.step()
 
@@ -231,6 +241,29 @@ class TrainEngine:
         dist.broadcast(losses, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         return losses
+
+    def memory_state(self) -> list[Any]:
+        """State carried from step to step that is not a parameter (Transformer-XL's segment memory), one entry
+        per chunk (None for chunks without); saved with this rank's train state in every checkpoint."""
+        return [chunk.memory_state_dict() if hasattr(chunk, "memory_state_dict") else None for chunk in self.chunks]
+
+    def load_memory_state(self, states: list[Any]) -> None:
+        """Restore what :meth:`memory_state` returned."""
+        for chunk, state in zip(self.chunks, states):
+            if state is not None:
+                chunk.load_memory_state_dict(state)
+
+    def _sum_pipeline_shared_grads(self) -> None:
+        """Every pipeline chunk holds its own copy of a ``pipeline_shared`` parameter: sum the copies' gradients
+        over this rank's chunks and the pipeline group, so all copies take the same step and stay equal."""
+        copies = [_pipeline_shared(chunk) for chunk in self.chunks]
+        for params in zip(*copies):  # the same parameter in each chunk (chunks are built alike)
+            if params[0].grad is None:
+                continue
+            total = torch.stack([p.grad for p in params]).sum(0)
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+            for p in params:
+                p.grad.copy_(total)
 
     def _sum_tied_embedding_grads(self) -> None:
         group = parallel_state.get_embedding_group(check_initialized=False)

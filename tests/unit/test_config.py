@@ -186,7 +186,7 @@ def test_optimizer_and_init_ranges(override, key):
     ("--parallel.zero_stage=true", "parallel.zero_stage", "True"),  # True == 1 but is not a stage
     ("--train.precision=fp16", "train.precision", "'fp16'"),
     ("--parallel.activation_checkpointing=some", "parallel.activation_checkpointing", "'some'"),
-    ("--model.family=bert", "model.family", "'bert'"),
+    ("--model.family=t5", "model.family", "'t5'"),
 ])
 def test_wrong_type_names_the_key(override, key, shown):
     message = config_error(TINY, [override])
