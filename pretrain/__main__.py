@@ -43,7 +43,7 @@ def _generate(args, overrides: list[str]) -> int:
 
     generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                             seed=args.seed, stream=sys.stdout)
+                             top_p=args.top_p, seed=args.seed, stream=sys.stdout)
     return 0
 
 
@@ -77,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoints/step_<N> directory (or its run directory)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature when sampling")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the K most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches P (1: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="tokenizer → shards → tiny GPT on the bundled Shakespeare → eval → generate")
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import register
 
     register(sub)
+    __import__("pretrain.downstream_cli").downstream_cli.register(sub)  # finetune, export hf
     return parser
 
 

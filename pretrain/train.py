@@ -86,7 +86,7 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
                          cfg.model.seq_length, cfg.train.micro_batch_size)
 
     layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "virtual_pipeline": dims.virtual_pipeline,
-              "data": dims.data, "zero_stage": cfg.parallel.zero_stage}
+              "data": dims.data, "zero_stage": cfg.parallel.zero_stage, "vocab_size": vocab_size}
     if rank == 0:
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
         print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
@@ -104,15 +104,20 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
 
 
 def shard_readers(cfg: Config, reader_args: dict):
-    """Shuffled, blended training reader and in-order validation reader (GPT, BERT): rows [b, s+1]."""
+    """Shuffled, blended training reader and in-order validation reader (GPT, BERT): rows [b, s+1].
+
+    Either is None when its data is not configured (``pretrain eval`` clears data.train).
+    """
     from data_pipeline.reader import ShardReader
 
     sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
     train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
                              shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, dtype="native",
-                             **reader_args)
+                             **reader_args) if sources else None
     valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
-    _check_data_matches_model(cfg, train_data)
+    for reader in (train_data, valid_data):
+        if reader is not None:
+            _check_data_matches_model(cfg, reader)
     return train_data, valid_data
 
 
@@ -146,7 +151,7 @@ def _check_data_matches_model(cfg: Config, data) -> None:
     seq = data.manifest["seq_length"]
     if seq != cfg.model.seq_length:
         raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) does not match the shards in "
-                          f"{cfg.data.train[0].path} (seq_length {seq})")
+                          f"{data.sources[0].name} (seq_length {seq})")
     if cfg.model.vocab_size and cfg.model.vocab_size < data.manifest["vocab_size"]:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"({data.manifest['vocab_size']})")
