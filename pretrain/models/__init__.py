@@ -81,3 +81,5 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
 
 
 from pretrain.models import gpt  # noqa: E402,F401  (registers "gpt")
+from pretrain.models import bert  # noqa: E402,F401  (registers "bert")
+from pretrain.models import transformer_xl  # noqa: E402,F401  (registers "transformer_xl")

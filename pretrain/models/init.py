@@ -18,7 +18,7 @@ import re
 import torch
 from megatron.core import parallel_state
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LAYER = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.")  # GPT: decoder, BERT: encoder
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -40,8 +40,9 @@ def full_model_name(chunk: torch.nn.Module, local_name: str) -> str:
     the tied word embedding named as the embedding itself (both start from the same values)."""
     match = _LAYER.match(local_name)
     if match:
-        layer = chunk.decoder.layers[int(match.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}." + local_name[match.end():]
+        block, index = match.groups()
+        layer = getattr(chunk, block).layers[int(index)]
+        return f"{block}.layers.{layer.layer_number - 1}." + local_name[match.end():]
     if local_name == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
         return "embedding.word_embeddings.weight"
     return local_name

@@ -9,6 +9,9 @@ swiglu, which is gated) are column parallel, divided by t; the attention project
 parallel, weight divided by t, bias h replicated. First stage: word embeddings V*h/t (+ s*h learned positions,
 replicated). Last stage: final LayerNorm 2h and the output layer V*h/t, which is the embedding itself when tied and
 PP = 1, and a separate copy (kept in sync by megatron-core) when tied and PP > 1. Layers split evenly over stages.
+BERT (post-LN BertModel) adds 2h token types and moves the final LayerNorm's 2h onto the embeddings (first stage),
+and adds on the last stage its MLM head h^2 + 3h, the output bias V/t and with NSP the pooler h^2 + h and binary
+head 2h + 2.
 
 Memory per GPU, for the stage whose total is largest (bytes per parameter on that rank, P = its parameters):
 - bf16 (precision auto = bf16, as on GPU): params 2P, grads 2P (DeepSpeed accumulates in the model dtype unless
@@ -118,6 +121,11 @@ def stage_params(m: ModelConfig, vocab_size: int, tensor: int = 1, pipeline: int
         count += 2 * h  # final LayerNorm
         if not m.tie_embeddings or pipeline > 1:  # tied with PP > 1: the last stage keeps its own copy
             count += vocab_size * h // tensor
+    if m.family == "bert":  # BertModel's extras (pretrain/models/bert.py), replicated but for the output bias
+        count += 4 * h if stage == 0 else 0  # two token-type embeddings, the embedding LayerNorm
+        if stage == pipeline - 1:  # no final LayerNorm; MLM head dense + LayerNorm, output bias; pooler + NSP head
+            count += -2 * h + (h * h + h) + 2 * h + vocab_size // tensor
+            count += (h * h + h) + (2 * h + 2) if m.nsp else 0
     return count
 
 

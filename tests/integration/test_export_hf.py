@@ -1,0 +1,130 @@
+"""`pretrain export hf`: checkpoints trained through the CLI load in transformers and give our logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, cli_env, run_cli
+from tests.integration.downstream_support import pretrained_gpt, train_gpt
+
+REL_TOL = 1e-5  # fp32, relative to the largest logit
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The held-out plays (never trained on) as JSONL: real text for the logits comparison."""
+    from data_pipeline.corpus import extract_bundled
+
+    return extract_bundled(tmp_path_factory.mktemp("corpus"))["valid"]
+
+
+def export(checkpoint: Path, output: Path) -> Path:
+    result = run_cli("export", "hf", "--checkpoint", str(checkpoint), "--output", str(output))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "export hf:" in result.stdout
+    return output
+
+
+def compare(checkpoint: Path, export_dir: Path, corpus: Path) -> dict:
+    """tests.integration.downstream_support.our_vs_hf in a fresh process (load_model owns its process group)."""
+    result = subprocess.run([sys.executable, "-m", "tests.integration.downstream_support", "hf", str(checkpoint),
+                             str(export_dir), str(corpus)], capture_output=True, text=True, cwd=REPO,
+                            env=cli_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_gpt_export_loads_in_transformers_with_equal_logits(shakespeare, tmp_path_factory, tmp_path, corpus):
+    run_dir = pretrained_gpt(shakespeare, tmp_path_factory)  # tied embeddings, gelu, 1100 padded vocab rows
+    out = export(run_dir, tmp_path / "hf")
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model",
+                                                "tokenizer_config.json", "README.md"}
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in tensors  # tied: stored once, re-tied by transformers
+    assert tensors["transformer.wte.weight"].shape == (1024, 192)  # the tokenizer's vocabulary, not the 1100 rows
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (192, 3 * 192)  # Conv1D: [in, out]
+    result = compare(run_dir, out, corpus)
+    assert result["logits_rel_err"] <= REL_TOL, result["logits_rel_err"]
+    config = result["hf_config"]
+    assert (config["n_layer"], config["n_embd"], config["n_head"], config["n_positions"]) == (4, 192, 4, 128)
+    assert (config["vocab_size"], config["activation_function"], config["layer_norm_epsilon"]) == (1024, "gelu", 1e-5)
+    assert result["lm_head_tied"] and config["tie_word_embeddings"]
+    assert result["tokenizer_equal"]  # the sentencepiece tokenizer config in the export encodes like ours
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_with_tanh_gelu_and_untied_output_exports_equal_logits(shakespeare, tmp_path, corpus):
+    # Saved as two TP shards (fused QKV split by heads, vocabulary padded to 1200 rows for TP=2);
+    # pretrain.inference.load_model consolidates them into the one-process model the export converts.
+    run_dir = train_gpt(shakespeare, tmp_path / "run", "--parallel.tensor=2", "--model.activation=gelu_tanh",
+                        "--model.tie_embeddings=false", steps=10, torchrun_nproc=2)
+    out = export(run_dir, tmp_path / "hf")
+    result = compare(run_dir, out, corpus)
+    assert result["logits_rel_err"] <= REL_TOL, result["logits_rel_err"]
+    config = result["hf_config"]
+    assert config["vocab_size"] == 1024 and config["activation_function"] == "gelu_new"
+    assert not config["tie_word_embeddings"] and not result["lm_head_tied"]
+
+
+def test_rope_gpt_is_refused_with_one_line(shakespeare, tmp_path):
+    run_dir = train_gpt(shakespeare, tmp_path / "run", "--model.position_embedding=rope", steps=1)
+    out = tmp_path / "hf"
+    result = run_cli("export", "hf", "--checkpoint", str(run_dir), "--output", str(out))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.position_embedding=rope"), result.stderr
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("override, key", [("activation", "swiglu"), ("position_embedding", "rope")])
+def test_gpt2_compatibility_check_names_the_key(override, key):
+    from pretrain.config import Config, ConfigError
+    from pretrain.export import check_gpt2_compatible
+
+    cfg = Config()
+    setattr(cfg.model, override, key)
+    with pytest.raises(ConfigError, match=f"^model.{override}={key}: "):
+        check_gpt2_compatible(cfg)
+
+
+def test_split_qkv_follows_megatron_group_layout():
+    from pretrain.export import split_qkv
+
+    # 4 heads in 2 key/value groups, head size 1: megatron-core's rows are [q0 q1 k0 v0 | q2 q3 k1 v1].
+    weight = torch.arange(8.0)[:, None].expand(8, 3)  # [8, 3], row r holds r
+    q, k, v = split_qkv(weight, num_heads=4, num_groups=2)
+    assert q[:, 0].tolist() == [0, 1, 4, 5] and k[:, 0].tolist() == [2, 6] and v[:, 0].tolist() == [3, 7]
+    # Plain multi-head (GPT-2's case), 2 heads of size 2: [q0 q0 k0 k0 v0 v0 | q1 q1 k1 k1 v1 v1] (a bias).
+    q, k, v = split_qkv(torch.arange(12.0), num_heads=2, num_groups=2)
+    assert q.tolist() == [0, 1, 6, 7] and k.tolist() == [2, 3, 8, 9] and v.tolist() == [4, 5, 10, 11]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, architecture", [
+    ((), "BertForPreTraining"),  # tied MLM output layer, NSP head
+    (("--model.nsp=false", "--model.tie_embeddings=false"), "BertForMaskedLM"),  # no pooler / NSP head to export
+])
+def test_bert_export_matches_hf_bert(shakespeare, tmp_path, corpus, overrides, architecture):
+    from tests.conftest import data_overrides
+
+    run_dir = tmp_path / "run"
+    trained = run_cli("train", str(REPO / "configs" / "bert" / "tiny.yaml"), "--train.steps=3",
+                      "--checkpoint.every_steps=3", "--model.make_vocab_size_divisible_by=100", *overrides,
+                      *data_overrides(shakespeare, run_dir))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    out = export(run_dir, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
+    result = compare(run_dir, out, corpus)  # one row padded: compared at real tokens
+    assert result["logits_rel_err"] <= REL_TOL, result["logits_rel_err"]  # MLM prediction logits
+    if architecture == "BertForPreTraining":
+        assert result["nsp_rel_err"] <= REL_TOL, result["nsp_rel_err"]  # seq_relationship_logits
+    assert result["tokenizer_equal"]
