@@ -78,18 +78,25 @@ class GPTDecoder:
 
 
 class MemoryDecoder:
-    """Incremental Transformer-XL forward: the segment memory (evaluation mem_length) is the cache."""
+    """Incremental Transformer-XL forward: the segment memory (evaluation mem_length) is the cache.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    A model evaluated without memory (mem_length 0) has no cache to extend: each step then encodes the newest
+    ``seq_length`` tokens again, as a full recomputation would.
+    """
+
+    def __init__(self, model: torch.nn.Module, seq_length: int, device: torch.device):
         self.model, self.device, self.mems = model, device, None
+        self.window = seq_length if model.lengths[0] == 0 else 0  # 0: extend the memory
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Encode ``ids`` as one segment from empty memory; logits [V] of the next token."""
-        self.mems = None
-        return self._forward(ids)
+        self.mems, self.history = None, list(ids)
+        return self._forward(ids[-self.window:] if self.window else ids)
 
     def step(self, token: int) -> torch.Tensor:
         """Append ``token`` (a segment of one); logits [V] of the one after it."""
+        if self.window:
+            return self.prefill(self.history + [token])
         return self._forward([token])
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
@@ -104,7 +111,7 @@ def decoder_for(loaded):
     if family == "gpt":
         return GPTDecoder(loaded.model, loaded.cfg.model.seq_length, loaded.device)
     if family == "transformer_xl":
-        return MemoryDecoder(loaded.model, loaded.device)
+        return MemoryDecoder(loaded.model, loaded.cfg.model.seq_length, loaded.device)
     raise CheckpointError(f"{loaded.path}: {family} checkpoints do not generate text (gpt and transformer_xl do)")
 
 

@@ -58,3 +58,8 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     """metrics.jsonl as {step: record}; a step logged twice (before a kill and after resume) keeps the last."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in records}
+
+
+def value_after(text: str, label: str) -> float:
+    """The number printed right after ``label`` in CLI output (e.g. "val loss 5.1234")."""
+    return float(text.split(label, 1)[1].split()[0])

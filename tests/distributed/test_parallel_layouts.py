@@ -8,14 +8,13 @@ single-process run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pretrain.testing import run_distributed
 from tests.conftest import REPO, TINY_CONFIG
+from tests.distributed.layouts_support import run_layouts
 
 BERT_CONFIG = REPO / "configs" / "bert" / "tiny.yaml"
 
@@ -49,43 +48,14 @@ REFERENCE = ({name: "single" for layouts in LAYOUTS.values() for name in layouts
              | {name: "BERT single" for layouts in BERT_LAYOUTS.values() for name in layouts})
 
 
-def train_layouts(layouts: dict[str, tuple[str, list[str]]], data_args: list[str], root: str) -> dict[str, dict]:
-    """In a spawned process group: train each layout {name: (config, overrides)} in turn; rank 0 returns
-    {name: {"metrics": {step: record}, "run_dir": its run directory}}."""
-    import deepspeed
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from pretrain import device
-    from pretrain.config import load
-    from pretrain.parallel import ParallelDims
-    from pretrain.train import build
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    results = {}
-    for i, (name, (config, overrides)) in enumerate(layouts.items()):
-        run_dir = f"{root}/{dist.get_world_size()}-{i}"
-        cfg = load(config, [*COMMON, *data_args, f"--run.dir={run_dir}", *overrides])
-        dims = ParallelDims.from_config(cfg, dist.get_world_size())
-        assert build(cfg, dims, device.detect(0, cfg.train.precision)).fit() == 0
-        if dist.get_rank() == 0:
-            lines = open(f"{run_dir}/metrics.jsonl").read().splitlines()
-            results[name] = {"metrics": {r["step"]: r for r in map(json.loads, lines)}, "run_dir": run_dir}
-        parallel_state.destroy_model_parallel()
-    return results
-
-
 @pytest.fixture(scope="module")
 def runs(shakespeare, tmp_path_factory) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("layouts")
-    data = [f"--data.train={shakespeare['train']}", f"--data.valid={shakespeare['valid']}",
-            f"--data.tokenizer={shakespeare['tokenizer']}"]
-    results = {}
-    for world, layouts in LAYOUTS.items():
-        jobs = {name: (str(TINY_CONFIG), overrides) for name, overrides in layouts.items()}
-        jobs |= {name: (str(BERT_CONFIG), overrides) for name, overrides in BERT_LAYOUTS.get(world, {}).items()}
-        results.update(run_distributed(train_layouts, world, args=(jobs, data, str(root)), timeout_s=900)[0])
-    return results
+    def family_jobs(config, layouts: dict[str, list[str]]) -> dict[str, tuple[str, list[str]]]:
+        return {name: (str(config), [*COMMON, *overrides]) for name, overrides in layouts.items()}
+
+    jobs = {world: family_jobs(TINY_CONFIG, layouts) | family_jobs(BERT_CONFIG, BERT_LAYOUTS.get(world, {}))
+            for world, layouts in LAYOUTS.items()}
+    return run_layouts(jobs, shakespeare, str(tmp_path_factory.mktemp("layouts")))
 
 
 @pytest.mark.slow

@@ -7,12 +7,11 @@ that lost or mixed up its memory would change every loss after the first step). 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from pretrain.testing import run_distributed
+from tests.distributed.layouts_support import run_layouts
 
 TXL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "txl" / "tiny.yaml"
 STEPS = 8
@@ -31,40 +30,13 @@ LAYOUTS = {
 }
 
 
-def train_layouts(layouts: dict[str, list[str]], data_args: list[str], root: str) -> dict[str, dict]:
-    """In a spawned process group: train each layout in turn; rank 0 returns {name: {step: record}}."""
-    import deepspeed
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from pretrain import device
-    from pretrain.config import load
-    from pretrain.parallel import ParallelDims
-    from pretrain.train import build
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    results = {}
-    for i, (name, overrides) in enumerate(layouts.items()):
-        run_dir = f"{root}/{dist.get_world_size()}-{i}"
-        cfg = load(TXL_CONFIG, [*COMMON, *data_args, f"--run.dir={run_dir}", *overrides])
-        dims = ParallelDims.from_config(cfg, dist.get_world_size())
-        assert build(cfg, dims, device.detect(0, cfg.train.precision)).fit() == 0
-        if dist.get_rank() == 0:
-            lines = open(f"{run_dir}/metrics.jsonl").read().splitlines()
-            results[name] = {r["step"]: r for r in map(json.loads, lines)}
-        parallel_state.destroy_model_parallel()
-    return results
-
-
 @pytest.fixture(scope="module")
 def runs(shakespeare, tmp_path_factory) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("txl_layouts")
-    data = [f"--data.train={shakespeare['train']}", f"--data.valid={shakespeare['valid']}",
-            f"--data.tokenizer={shakespeare['tokenizer']}"]
-    results = {}
-    for world, layouts in LAYOUTS.items():
-        results.update(run_distributed(train_layouts, world, args=(layouts, data, str(root)), timeout_s=900)[0])
-    return results
+    """{name: {step: record}} of every layout."""
+    jobs = {world: {name: (str(TXL_CONFIG), [*COMMON, *overrides]) for name, overrides in layouts.items()}
+            for world, layouts in LAYOUTS.items()}
+    results = run_layouts(jobs, shakespeare, str(tmp_path_factory.mktemp("txl_layouts")))
+    return {name: result["metrics"] for name, result in results.items()}
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CONFIG, data_overrides, read_metrics, run_cli
+from tests.conftest import TINY_CONFIG, data_overrides, read_metrics, run_cli, value_after
 
 STEPS = 30
 EVAL_BATCHES = 4
@@ -20,10 +20,6 @@ def tp2_run(shakespeare, tmp_path_factory) -> Path:
                      torchrun_nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
-
-
-def value_after(text: str, label: str) -> float:
-    return float(text.split(label, 1)[1].split()[0])
 
 
 @pytest.mark.slow

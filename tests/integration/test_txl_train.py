@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, data_overrides, read_metrics, run_cli
+from tests.conftest import REPO, data_overrides, read_metrics, run_cli, value_after
 
 TXL_TINY = REPO / "configs" / "txl" / "tiny.yaml"
 STEPS, RESUME_AT, EVAL_BATCHES = 10, 5, 8
@@ -83,10 +83,6 @@ def test_tensor_parallel_2_matches_single_process(single_dir, tp2_dir):
         assert tp2[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), step
         assert tp2[step]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-4), step
     assert tp2[STEPS]["val_loss"] == pytest.approx(single[STEPS]["val_loss"], rel=1e-5)
-
-
-def value_after(text: str, label: str) -> float:
-    return float(text.split(label, 1)[1].split()[0])
 
 
 @pytest.mark.slow

@@ -71,3 +71,17 @@ def test_full_sampling_follows_the_softmax():
     torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
     same = [sample_next(probs.log(), 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert same[0] == same[1]  # a seed fixes the draw
+
+
+def test_bert_checkpoints_are_refused_with_one_line():
+    from types import SimpleNamespace
+
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import Config
+    from pretrain.generation import decoder_for
+
+    cfg = Config()
+    cfg.model.family = "bert"
+    with pytest.raises(CheckpointError, match=r"^runs/x/step_3: bert checkpoints do not generate text") as info:
+        decoder_for(SimpleNamespace(cfg=cfg, path="runs/x/step_3", model=None, device=None))
+    assert "\n" not in str(info.value)

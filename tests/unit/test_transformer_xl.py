@@ -168,12 +168,28 @@ def test_generation_cache_equals_full_recomputation(mcore_world1):
 
     model = build_initialised(model_config(eval_mem_length=24, eval_same_length=True)).eval()
     ids = tokens(1, 20, seed=6)[0].tolist()
-    decoder = MemoryDecoder(model, torch.device("cpu"))
+    decoder = MemoryDecoder(model, TGT, torch.device("cpu"))
     with torch.no_grad():
         cached = [decoder.prefill(ids[:8])] + [decoder.step(token) for token in ids[8:]]  # 13 x [V]
         full, _ = model.forward_segment(torch.tensor([ids]))  # [1, 20, V]
     torch.testing.assert_close(torch.stack(cached), full[0, 7:], rtol=0, atol=1e-5)
     assert decoder.mems[0].shape == (20, 1, D)
+
+
+def test_generation_without_memory_reencodes_the_newest_window(mcore_world1):
+    """With evaluation memory 0 there is no cache: each step sees the newest seq_length tokens, not one token."""
+    from pretrain.generation import MemoryDecoder
+
+    model = build_initialised(model_config(mem_length=0, eval_mem_length=0)).eval()
+    ids = tokens(1, TGT + 5, seed=7)[0].tolist()
+    decoder = MemoryDecoder(model, TGT, torch.device("cpu"))
+    with torch.no_grad():
+        decoder.prefill(ids[:4])
+        for token in ids[4:-1]:
+            decoder.step(token)
+        last = decoder.step(ids[-1])
+        window, _ = model.forward_segment(torch.tensor([ids[-TGT:]]))  # [1, TGT, V]
+    torch.testing.assert_close(last, window[0, -1], rtol=0, atol=1e-5)
 
 
 def test_memory_state_dict_round_trip(mcore_world1):
