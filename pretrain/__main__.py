@@ -1,7 +1,8 @@
 """``pretrain`` command line (also ``python -m pretrain``).
 
-Subcommands: ``train``, ``eval``, ``generate``, ``demo``, ``tokenizer train``, ``data prepare``. Heavy imports
-(megatron-core, DeepSpeed) happen inside the subcommand, so ``--help`` and config errors are instant.
+Subcommands: ``train``, ``eval``, ``generate``, ``demo``, ``tokenizer train``, ``data prepare``, ``finetune``,
+``export hf``. Heavy imports (megatron-core, DeepSpeed) happen inside the subcommand, so ``--help`` and config
+errors are instant.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import register
 
     register(sub)
-    __import__("pretrain.downstream_cli").downstream_cli.register(sub)  # finetune, export hf
+    from pretrain import downstream_cli
+
+    downstream_cli.register(sub)  # finetune, export hf
     return parser
 
 
