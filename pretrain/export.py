@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
-from pretrain import config as config_mod
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError
 
@@ -37,14 +35,6 @@ _TE_NORM_NAMES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
-
-
-def read_config(path: Path) -> Config:
-    """The run config saved next to a checkpoint's weights (config.yaml), without loading any weight."""
-    try:
-        return config_mod.from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-    except OSError as e:
-        raise CheckpointError(f"{path}: no readable config.yaml ({e.strerror})") from None
 
 
 def check_gpt2_compatible(cfg: Config) -> None:
@@ -223,7 +213,7 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
     """Export ``checkpoint`` (step, checkpoints/ or run directory) to the Hugging Face directory ``output``."""
     from safetensors.torch import save_file
 
-    from pretrain.inference import load_model, resolve_checkpoint, tokenizer_for
+    from pretrain.inference import load_model, read_config, resolve_checkpoint, tokenizer_for
 
     path = resolve_checkpoint(checkpoint)
     cfg = read_config(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.corpus import iter_records
 from data_pipeline.errors import DataError
 from pretrain.config import ConfigError, OptimConfig
 from pretrain.optim import lr_at, param_groups
@@ -56,18 +57,18 @@ def read_examples(path: str | Path, text_key: str, label_key: str) -> tuple[list
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json"):
         raise DataError(f"{path}: unsupported data file type {suffix!r} (use .csv or .jsonl)")
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if suffix == ".csv":
-                records = list(csv.DictReader(f))
-                where = "row"
-            else:
-                records = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
-                where = "line"
-    except OSError as e:
-        raise DataError(f"{path}: cannot read data file ({e.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: not a readable {suffix[1:]} file ({e})") from None
+    if not path.is_file():
+        raise DataError(f"{path}: cannot read data file (no such file)")
+    if suffix == ".csv":
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                records, where = list(csv.DictReader(f)), "row"
+        except OSError as e:
+            raise DataError(f"{path}: cannot read data file ({e.strerror})") from None
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: not a readable csv file ({e})") from None
+    else:  # the corpus reader's JSONL parsing: a bad line is a DataError naming file:line
+        records, where = list(iter_records(path)), "line"
     if not records:
         raise DataError(f"{path}: no examples (empty file)")
     texts, labels = [], []
@@ -82,16 +83,6 @@ def read_examples(path: str | Path, text_key: str, label_key: str) -> tuple[list
         texts.append(record[text_key])
         labels.append(record[label_key])
     return texts, labels
-
-
-def _json_line(line: str, path: Path, n: int) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: line {n} is not a JSON object")
-    return record
 
 
 def class_ids(labels: list, path: str, label_key: str) -> tuple[list, list[int]]:

@@ -47,12 +47,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint here (looked for COMMITTED in it and in step_* below)")
 
 
+def read_config(path: Path) -> Config:
+    """The run config saved next to a checkpoint's weights (config.yaml), without loading any weight."""
+    try:
+        return config_mod.from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    except OSError as e:
+        raise CheckpointError(f"{path}: no readable config.yaml ({e.strerror})") from None
+
+
 def load_model(path: str | Path) -> LoadedModel:
     """Build the whole model in this process from the checkpoint's own config.yaml and load its weights,
     consolidated from whatever tensor / pipeline layout saved them (fp32 gathered under ZeRO-3)."""
     path = resolve_checkpoint(path)
     layout = read_marker(path)["layout"]
-    cfg = config_mod.from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    cfg = read_config(path)
     cfg.parallel = config_mod.ParallelConfig()  # inference runs unsharded in one process
     _init_single_process(cfg)
     info = device_layer.detect(0, cfg.train.precision)

@@ -152,6 +152,4 @@ def _check_data_matches_model(cfg: Config, data) -> None:
     if seq != cfg.model.seq_length:
         raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) does not match the shards in "
                           f"{data.sources[0].name} (seq_length {seq})")
-    if cfg.model.vocab_size and cfg.model.vocab_size < data.manifest["vocab_size"]:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                          f"({data.manifest['vocab_size']})")
+    models.check_vocab_fits(cfg, data.manifest)

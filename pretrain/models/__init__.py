@@ -74,6 +74,13 @@ def build_chunks(spec: ModelSpec, cfg: ModelConfig, parallel: ParallelConfig, dt
     return chunks
 
 
+def check_vocab_fits(cfg: Config, manifest: dict) -> None:
+    """A set model.vocab_size must hold every id of the shards' tokenizer; a one-line ConfigError else."""
+    if cfg.model.vocab_size and cfg.model.vocab_size < manifest["vocab_size"]:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"({manifest['vocab_size']})")
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Megatron's rule: pad the vocabulary so each TP shard of the embedding has an aligned row count."""
     multiple = divisible_by * tensor_parallel

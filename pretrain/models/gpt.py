@@ -153,7 +153,8 @@ def make_batch_fn(cfg: Config, manifest: dict) -> BatchFn:
 
 
 def loss_fn(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean next-token cross entropy over masked-in tokens. ``output`` is GPTModel's per-token loss [b, s]."""
+    """Mean next-token cross entropy over masked-in tokens. ``output`` is the model's per-token loss [b, s]
+    (GPTModel's; Transformer-XL's too, which uses this loss)."""
     mask = batch["loss_mask"]
     return (output.float() * mask).sum() / mask.sum()
 

@@ -27,8 +27,9 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from data_pipeline.batches import txl_batch
 from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig
-from pretrain.models import BatchFn, ModelSpec, register
+from pretrain.models import BatchFn, ModelSpec, gpt, register
 from pretrain.models.gpt import transformer_config
+from pretrain.models.transformer_xl_data import make_readers
 from pretrain.models.transformer_xl_layers import (RelPartialLearnableDecoderLayer, attention_mask, dropout,
                                                    head_bias, sinusoid_positions)
 
@@ -229,10 +230,6 @@ class TransformerXL(MegatronModule):
                 store[lane] = (offset, mems, column)
         self._memory["eval"] = {}
 
-    def reset_memory(self) -> None:
-        """Forget every lane's memory (training and evaluation)."""
-        self._memory = {"train": {}, "eval": {}}
-
 
 def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mlen: int, qlen: int,
                 mem_len: int) -> list[torch.Tensor]:
@@ -279,12 +276,6 @@ def make_batch_fn(cfg: Config, manifest: dict) -> BatchFn:
     return batch_fn
 
 
-def loss_fn(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean next-token cross entropy; ``output`` is the model's per-token loss [b, s]."""
-    mask = batch["loss_mask"]
-    return (output.float() * mask).sum() / mask.sum()
-
-
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token (3x forward). Forward per layer: qkv over memory + segment 6*d*d_attn*klen/s,
     o_net 2*d*d_attn, FF 4*d*f, scores AC + BD and the weighted sum 6*klen*d_attn (klen = s + mem_length); plus
@@ -295,12 +286,6 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     return 3.0 * (l * per_layer + 2 * d * vocab_size)
 
 
-def make_readers(cfg: Config, reader_args: dict):
-    """Ordered stream readers (pretrain/models/transformer_xl_data.py)."""
-    from pretrain.models.transformer_xl_data import make_readers as stream_readers
-
-    return stream_readers(cfg, reader_args)
-
-
-SPEC = register(ModelSpec(name="transformer_xl", build=build, make_batch_fn=make_batch_fn, loss_fn=loss_fn,
+# The loss is GPT's: the model returns per-token losses [b, s], and every target of an ordered stream counts.
+SPEC = register(ModelSpec(name="transformer_xl", build=build, make_batch_fn=make_batch_fn, loss_fn=gpt.loss_fn,
                           flops_per_token=flops_per_token, make_readers=make_readers))

@@ -19,6 +19,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.sampler import check_batch_sizes
 from data_pipeline.stream import StreamReader
 from pretrain.config import Config, ConfigError
+from pretrain.models import check_vocab_fits
 
 STATE_VERSION = 1
 
@@ -114,18 +115,16 @@ def make_readers(cfg: Config, reader_args: dict) -> tuple[LaneReader, LaneReader
     if cfg.data.valid:
         valid = LaneReader(cfg.data.valid, global_batch_size=mbs * dp_size, loop=False, **common)
     for reader in (train, valid):
-        vocab = reader.manifest["vocab_size"] if reader is not None else 0
-        if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({vocab})")
+        if reader is not None:
+            check_vocab_fits(cfg, reader.manifest)
     return train, valid
 
 
 def check_config(cfg: Config) -> None:
-    """What Transformer-XL refuses beyond config.validate: one-line ConfigErrors naming the key."""
+    """What Transformer-XL refuses of the data beyond config.validate: one-line ConfigErrors naming the key
+    (sequence parallelism is refused where the model is built, TransformerXL.__init__)."""
     if len(cfg.data.train) > 1:
         raise ConfigError(f"data.train: transformer_xl trains on one ordered stream, got {len(cfg.data.train)} "
                           "sources (blending would break the lanes' continuity)")
     if cfg.data.on_bad_shard != "error":
         raise ConfigError("data.on_bad_shard: transformer_xl needs 'error' (skipping a shard shifts every lane)")
-    if cfg.parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel: not supported for model.family transformer_xl")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.config import ConfigError, ModelConfig, ParallelConfig
 from pretrain.models import transformer_xl as txl
 from pretrain.models.transformer_xl_layers import attention_mask, rel_shift
 from pretrain.testing import run_distributed
@@ -190,6 +190,12 @@ def test_generation_without_memory_reencodes_the_newest_window(mcore_world1):
         last = decoder.step(ids[-1])
         window, _ = model.forward_segment(torch.tensor([ids[-TGT:]]))  # [1, TGT, V]
     torch.testing.assert_close(last, window[0, -1], rtol=0, atol=1e-5)
+
+
+def test_sequence_parallel_is_refused_with_one_line(mcore_world1):
+    with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel: not supported for model.family "
+                                          r"transformer_xl$"):
+        txl.build(model_config(), ParallelConfig(sequence_parallel=True), torch.float32, VOCAB)
 
 
 def test_memory_state_dict_round_trip(mcore_world1):
