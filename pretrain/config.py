@@ -195,6 +195,11 @@ class CheckpointConfig:
     every_steps: int = 100
     #: Keep the newest N complete checkpoints; 0 keeps all.
     keep_last: int = 2
+    #: Also keep every checkpoint whose step is a multiple of N for good (never pruned); 0: none.
+    keep_every: int = 0
+    #: Write checkpoints in a background thread (``checkpoint.async`` is accepted as this key): training waits only
+    #: for a copy to host memory; the save commits at a later step once every rank has written it.
+    async_save: bool = False
     #: Load this checkpoint directory instead of the newest one in dir (for fine-tuning or forks).
     load: str = ""
 
@@ -211,6 +216,27 @@ class MetricsConfig:
 class FtConfig:
     #: On SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit with the requeue code (75).
     save_on_signal: bool = True
+    #: Hang watchdog: a training step (or one evaluation batch) running longer than this makes every rank print a
+    #: line naming it, dump its Python stacks and exit with code 86; collective timeouts are lowered to about this
+    #: after the first step. 0 disables the watchdog. The default, 30 min, is far above any healthy step and equals
+    #: torch's gloo collective timeout, while a hung job loses at most that much of its allocation.
+    step_timeout_s: float = 1800.0
+    #: Bound on everything before the first step completes (resume, first step with its warm-up); 0: step_timeout_s.
+    startup_timeout_s: float = 3600.0
+    #: Bound on one checkpoint save (the time it holds the training loop); 0: step_timeout_s.
+    save_timeout_s: float = 0.0
+    #: A non-finite loss or gradient norm: skip (no update on any rank: parameters and optimizer state stay as they
+    #: were; counted as skipped_steps) or abort (exit with code 87 and a one-line message naming the step).
+    nan_policy: Literal["skip", "abort"] = "skip"
+    #: Abort (code 87) after this many consecutive skipped steps: the run is no longer learning; 0: never.
+    max_skipped_in_a_row: int = 10
+    #: Loss spike: the data-parallel mean loss lies this many standard deviations above the mean of the previous
+    #: spike_window losses; counted as loss_spikes with a warning; 0 disables.
+    spike_zscore: float = 6.0
+    #: Losses the spike z-score is measured against (kept in the checkpoint); needs >= 2.
+    spike_window: int = 100
+    #: What a loss spike does: warn (count it, update as usual) or skip (also skip its update, like a NaN).
+    spike_policy: Literal["warn", "skip"] = "warn"
 
 
 @dataclass
@@ -280,6 +306,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
 
+#: Keys users may write that cannot be field names: (section, key) -> field.
+_ALIASES = {("checkpoint", "async"): "async_save"}
+
+
 def _build_section(cls, values: dict[str, Any], prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
@@ -287,6 +317,7 @@ def _build_section(cls, values: dict[str, Any], prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        key = _ALIASES.get((prefix, key), key)
         if key not in hints:
             raise ConfigError(f"unknown key '{prefix}.{key}' (allowed: {', '.join(names)})")
         kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
@@ -371,7 +402,8 @@ def validate(cfg: Config) -> None:
                        ("train.global_batch_size", t.global_batch_size), ("train.eval_every", t.eval_every),
                        ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
                        ("optim.decay_steps", o.decay_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("data.num_workers", cfg.data.num_workers)]:
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("data.num_workers", cfg.data.num_workers)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
     _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
              f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
@@ -407,4 +439,10 @@ def validate(cfg: Config) -> None:
         _require(0 < source.weight < math.inf, f"data.train[{i}].weight", f"must be > 0, got {source.weight}")
     _require(cfg.data.shuffle_window_blocks > 0, "data.shuffle_window_blocks",
              f"must be > 0, got {cfg.data.shuffle_window_blocks}")
+    for key, value in [("ft.step_timeout_s", cfg.ft.step_timeout_s), ("ft.startup_timeout_s", cfg.ft.startup_timeout_s),
+                       ("ft.save_timeout_s", cfg.ft.save_timeout_s), ("ft.spike_zscore", cfg.ft.spike_zscore)]:
+        _require(0 <= value < math.inf, key, f"must be a finite number >= 0 (0 disables), got {value}")
+    _require(cfg.ft.max_skipped_in_a_row >= 0, "ft.max_skipped_in_a_row",
+             f"must be >= 0, got {cfg.ft.max_skipped_in_a_row}")
+    _require(cfg.ft.spike_window >= 2, "ft.spike_window", f"must be >= 2, got {cfg.ft.spike_window}")
 

@@ -86,20 +86,21 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
                          cfg.model.seq_length, cfg.train.micro_batch_size)
 
     layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "virtual_pipeline": dims.virtual_pipeline,
-              "data": dims.data, "zero_stage": cfg.parallel.zero_stage, "vocab_size": vocab_size}
+              "data": dims.data, "zero_stage": cfg.parallel.zero_stage, "vocab_size": vocab_size,
+              "tokenizer_vocab_size": cfg.model.vocab_size or train_data.manifest["vocab_size"]}
     if rank == 0:
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
         print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
               f"device {device.device} {str(device.dtype).removeprefix('torch.')} | run dir {run_dir}", flush=True)
     return Trainer(
         cfg, spec, spec.make_batch_fn(cfg, train_data.manifest), engine, train_data, valid_data,
-        checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last),
+        checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+                                      cfg.checkpoint.async_save, layout),
         metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0),
         device=device.device,
         accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),
         config_yaml=to_yaml(cfg),
-        layout=layout,
     )
 
 

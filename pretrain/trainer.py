@@ -7,9 +7,11 @@ tensor and pipeline parallelism are its business.
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,10 +32,14 @@ from pretrain.parallel.engine import TrainEngine, verify_replicas
 
 @dataclass
 class TrainState:
-    """Counters that define where the run is; saved in every checkpoint."""
+    """Counters that define where the run is, and the spike detector's loss window; saved in every checkpoint.
+    Fields added later have defaults, so older checkpoints still load."""
 
     step: int = 0  # optimizer steps completed
     tokens: int = 0  # training tokens consumed over all data-parallel ranks
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or grad norm, or a skipped loss spike)
+    loss_spikes: int = 0  # steps whose loss was a spike (ft.spike_zscore), skipped or not
+    recent_losses: tuple[float, ...] = field(default=())  # the spike detector's window (ft.spike_window)
 
 
 class Trainer:
@@ -42,21 +48,33 @@ class Trainer:
     def __init__(self, cfg: Config, spec: ModelSpec, batch_fn: BatchFn, engine: TrainEngine, train_data, valid_data,
                  checkpoints: CheckpointManager,
                  metrics: MetricsLogger, device: torch.device, accumulation: int, flops_per_token: float,
-                 config_yaml: str, layout: dict):
+                 config_yaml: str):
         self.cfg, self.spec, self.batch_fn, self.engine = cfg, spec, batch_fn, engine
         self.train_data, self.valid_data = train_data, valid_data
         self.checkpoints, self.metrics, self.device = checkpoints, metrics, device
         self.accumulation, self.flops_per_token = accumulation, flops_per_token
-        self.config_yaml, self.layout = config_yaml, layout
+        self.config_yaml = config_yaml
         self.state = TrainState()
         self.stop = ft.StopSignal()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.rank = dist.get_rank()
+        self.faults = ft.TestFaults.from_env()
+        self.watchdog = ft.Watchdog(cfg.ft.step_timeout_s, cfg.ft.startup_timeout_s, cfg.ft.save_timeout_s,
+                                    rank=self.rank)
+        self.watchdog.beat(1, "startup (resume, first step)")
+        self.skipped_in_a_row = 0
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def fit(self) -> int:
         """Train to ``train.steps``; returns the process exit code (0, or ft.REQUEUE_EXIT_CODE after a signal)."""
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.close()
+
+    def _fit(self) -> int:
         cfg = self.cfg
         if cfg.ft.save_on_signal:
             self.stop.install()
@@ -66,22 +84,30 @@ class Trainer:
             record = self.train_step(batches)
             if self._is_eval_step():
                 record.update(self.evaluate())
+            self.checkpoints.poll()  # commits an async save once every rank has written it
+            last = self.state.step == cfg.train.steps
+            stop = cfg.ft.save_on_signal and not last and self.stop.agreed(self.device)
+            if self._due(cfg.checkpoint.every_steps) or last or stop:
+                self.save()
+                if record:
+                    record[names.CHECKPOINT_BLOCKING_S] = self.checkpoints.stats["blocking_s"]
             if record:
                 self.metrics.log(record)
-            last = self.state.step == cfg.train.steps
-            if self._due(cfg.checkpoint.every_steps) or last:
-                self.save()
-            if cfg.ft.save_on_signal and not last and self.stop.agreed(self.device):
-                if not self._due(cfg.checkpoint.every_steps):
-                    self.save()
-                self.metrics.close()
+            if stop:
+                self._finish()
                 return ft.REQUEUE_EXIT_CODE
-        self.metrics.close()
+        self._finish()
         digest = verify_replicas(self.engine.engine)
         if dist.get_rank() == 0:
             print(f"parameters identical across {self.dp_size} data-parallel replicas (sha256 {digest[:16]})",
                   flush=True)
         return 0
+
+    def _finish(self) -> None:
+        """Commit the save still being written (async) and close the metric sinks."""
+        with self.watchdog.saving(self.state.step):
+            self.checkpoints.wait()
+        self.metrics.close()
 
     def _due(self, every: int) -> bool:
         return bool(every) and self.state.step % every == 0
@@ -94,44 +120,103 @@ class Trainer:
         return self._due(self.cfg.train.log_every) or self.state.step == self.cfg.train.steps or self._is_eval_step()
 
     def train_step(self, data) -> dict[str, Any]:
-        """One optimizer step: ``accumulation`` micro batches forward/backward, then the ZeRO optimizer step."""
+        """One optimizer step: ``accumulation`` micro batches forward/backward, then the ZeRO optimizer step, which
+        every rank skips alike for a non-finite loss or gradient norm (ft.nan_policy) or a loss spike
+        (ft.spike_policy=skip)."""
         start = time.perf_counter()
+        step = self.state.step + 1  # the step this call completes, as logged
+        self.watchdog.beat(step, "forward/backward")
         lr = lr_at(self.state.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         batches = [self.batch_fn(next(data), self.train_data.last_indices, self.device)
                    for _ in range(self.accumulation)]
-        loss = self.engine.forward_backward(batches)  # mean over the micro-batches, on every rank
-        self.engine.step()  # clip, reduce/partition per ZeRO stage, optimizer.step(), zero_grad
+        with ft.injected_faults(self.faults, self.engine, step, self.rank):
+            loss = self.engine.forward_backward(batches)  # mean over the micro-batches, on every rank
+        # One all-reduce per step for the data-parallel mean loss (TP/PP peers already agree): the same number on
+        # every rank, so every rank makes the same skip decision.
+        dist.all_reduce(loss, group=self.dp_group)
+        loss_value = loss.item() / self.dp_size
+        spike = self._is_spike(step, loss_value)
+        self.watchdog.note("optimizer step")
+        skip = not math.isfinite(loss_value) or (spike and self.cfg.ft.spike_policy == "skip")
+        applied = self.engine.step(skip=skip)  # clip, reduce/partition per ZeRO stage, update, zero_grad
+        grad_norm = self.engine.grad_norm()
         tokens = sum(batch["num_tokens"] for batch in batches)
         self.state.step += 1
         self.state.tokens += tokens * self.dp_size
+        self.state.recent_losses = ft.push_loss(self.state.recent_losses, loss_value, self.cfg.ft.spike_window)
+        self._count_skip(step, applied, loss_value, grad_norm)
+        self.watchdog.step_completed(step)
 
-        if not self._is_log_step():
+        if not (self._is_log_step() or spike or not applied):
             return {}
-        # Logged steps only: one all-reduce for the data-parallel mean loss (TP/PP peers already agree). Its
-        # .item() waits for the device, so the step time below includes all queued GPU work.
-        dist.all_reduce(loss, group=self.dp_group)
-        loss_value = loss.item() / self.dp_size
+        # The loss's .item() came before the update; this one waits for the update's queued device work too, so
+        # the step time includes it.
+        torch.zeros((), device=self.device).item()
         step_time = time.perf_counter() - start
         tokens_per_s = tokens * self.dp_size / step_time
         return {
             names.STEP: self.state.step,
             names.LOSS: loss_value,
             names.LR: lr,
-            names.GRAD_NORM: self.engine.grad_norm(),
+            names.GRAD_NORM: grad_norm,
             names.TOKENS_PER_S: tokens_per_s,
             names.STEP_TIME_S: step_time,
             names.TOKENS_TOTAL: self.state.tokens,
             names.TFLOPS: tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12,
             names.SKIPPED_SHARDS: self.train_data.skipped_shards,
+            names.SKIPPED_STEPS: self.state.skipped_steps,
+            names.LOSS_SPIKES: self.state.loss_spikes,
             **({names.DATA_FRACTIONS: [round(f, 4) for f in self.train_data.source_fractions()]}
                if len(self.cfg.data.train) > 1 else {}),
         }
 
+    def _is_spike(self, step: int, loss: float) -> bool:
+        """Whether ``loss`` is a spike against the previous ft.spike_window losses (judged once the window is
+        full); counted and warned about on rank 0."""
+        cfg, window = self.cfg.ft, self.state.recent_losses
+        if not cfg.spike_zscore or len(window) < cfg.spike_window:
+            return False
+        z = ft.loss_zscore(window, loss)
+        if not z > cfg.spike_zscore:  # NaN (a non-finite loss) is the NaN guard's business, not a spike
+            return False
+        self.state.loss_spikes += 1
+        if self.rank == 0:
+            print(f"warning: step {step}: loss {loss:.4f} is a spike ({z:.1f} standard deviations above the last "
+                  f"{len(window)} steps' mean; ft.spike_policy={cfg.spike_policy})", file=sys.stderr, flush=True)
+        return True
+
+    def _count_skip(self, step: int, applied: bool, loss: float, grad_norm: float) -> None:
+        """Count a skipped update; stop the run (ft.NonFiniteStep) under ft.nan_policy=abort or after
+        ft.max_skipped_in_a_row skipped steps in a row."""
+        cfg = self.cfg.ft
+        if applied:
+            self.skipped_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        non_finite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        what = (f"non-finite loss ({loss})" if not math.isfinite(loss) else
+                f"non-finite gradient norm ({grad_norm})" if non_finite else f"loss spike ({loss:.4f})")
+        if non_finite and cfg.nan_policy == "abort":
+            raise ft.NonFiniteStep(f"step {step}: {what}; update not applied; stopping (ft.nan_policy=abort)",
+                                   self.rank)
+        if cfg.max_skipped_in_a_row and self.skipped_in_a_row >= cfg.max_skipped_in_a_row:
+            raise ft.NonFiniteStep(f"step {step}: {self.skipped_in_a_row} updates skipped in a row, the last for "
+                                   f"{what}; stopping (ft.max_skipped_in_a_row={cfg.max_skipped_in_a_row})",
+                                   self.rank)
+        if self.rank == 0:
+            print(f"warning: step {step}: {what}; update skipped on every rank ({self.state.skipped_steps} skipped "
+                  "so far)", file=sys.stderr, flush=True)
+
     def evaluate(self) -> dict[str, Any]:
         """Validation loss and perplexity on data.valid; merged into the step's metrics record."""
-        result = evaluate(self.engine, self.engine.losses, self.batch_fn, self.valid_data, self.device,
+        def losses(batches):
+            self.watchdog.beat(self.state.step, "evaluation")  # each group of batches gets the step timeout
+            return self.engine.losses(batches)
+
+        result = evaluate(self.engine, losses, self.batch_fn, self.valid_data, self.device,
                           self.cfg.train.eval_batches, group=self.engine.eval_group)
         return {names.VAL_LOSS: result["loss"], names.VAL_PPL: result["ppl"]}
 
@@ -142,14 +227,16 @@ class Trainer:
         memory)."""
         train_state = {"trainer": vars(self.state).copy(), "data": self.train_data.state_dict(), "rng": rng_state(),
                        "memory": self.engine.memory_state()}
-        self.checkpoints.save(self.state.step, self.engine.engine, train_state, self.config_yaml, self.layout)
+        with self.watchdog.saving(self.state.step):  # ft.save_timeout_s instead of the step's
+            self.checkpoints.save(self.state.step, self.engine.engine, train_state, self.config_yaml)
 
     def resume(self) -> None:
-        """Continue from checkpoint.load, else from the newest complete checkpoint, else start fresh."""
-        path = self.cfg.checkpoint.load or self.checkpoints.latest()
+        """Continue from checkpoint.load, else from the newest complete checkpoint that verifies, else start
+        fresh. A checkpoint that fails verification is refused (checkpoint.load) or skipped (automatic)."""
+        path = self.cfg.checkpoint.load or self.checkpoints.latest_verified()
         if not path:
             return
-        train_state = self.checkpoints.load(path, self.engine.engine)
+        train_state = self.checkpoints.load(path, self.engine, self.cfg.model)
         self.state = TrainState(**train_state["trainer"])
         self.train_data.load_state_dict(train_state["data"])
         self.engine.load_memory_state(train_state.get("memory", []))
@@ -175,4 +262,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "tracker" in state:  # absent after resharding: the new layout's ranks keep their own seeded streams
+        get_cuda_rng_tracker().set_states(state["tracker"])

@@ -44,14 +44,24 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 600, torchrun_nproc: int = 0) -> subprocess.CompletedProcess:
-    """Run ``pretrain ARGS`` (optionally under ``torchrun --nproc_per_node=N``) and capture its output."""
+def run_cli(*args: str, timeout: float = 600, torchrun_nproc: int = 0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``pretrain ARGS`` (optionally under ``torchrun --nproc_per_node=N``, with ``env`` added to the
+    environment, e.g. PRETRAIN_TEST_FAULTS) and capture its output."""
     if torchrun_nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}",
                "-m", "pretrain", *args]
     else:
         cmd = [sys.executable, "-m", "pretrain", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=cli_env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**cli_env(), **(env or {})})
+
+
+def train_tiny(data: dict[str, Path], run_dir: Path, *args: str) -> Path:
+    """`pretrain train` of gpt_tiny.yaml on the session's data into ``run_dir``; fails the test unless it finished."""
+    result = run_cli("train", str(TINY_CONFIG), *args, *data_overrides(data, run_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

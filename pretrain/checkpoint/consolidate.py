@@ -44,7 +44,7 @@ def consolidated_state_dict(path: str | Path, layout: dict, target: dict[str, to
                 if key.endswith("_extra_state"):
                     continue
                 chunk, key = (int(key.split(".", 1)[0]), key.split(".", 1)[1]) if pp > 1 else (0, key)
-                name = _global_name(key, (chunk * pp + p) * per_chunk)
+                name = global_layer_name(key, (chunk * pp + p) * per_chunk)
                 shards.setdefault(name, [None] * tp)[t] = value
     state = {}
     for name, like in target.items():
@@ -53,7 +53,7 @@ def consolidated_state_dict(path: str | Path, layout: dict, target: dict[str, to
         parts = shards.get(name)
         if parts is None or any(part is None for part in parts):
             raise CheckpointError(f"{path}: no {name} in the checkpoint's model files (saved by another model?)")
-        state[name] = _join(name, parts, tuple(like.shape), gated_mlp and "linear_fc1" in name, path)
+        state[name] = join_tp_shards(name, parts, tuple(like.shape), gated_mlp and "linear_fc1" in name, path)
     return state
 
 
@@ -66,12 +66,12 @@ def _module_state(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _global_name(key: str, offset: int) -> str:
+def global_layer_name(key: str, offset: int) -> str:
     """``key`` with its local layer number shifted by the chunk's first global layer."""
     return _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", key, count=1)
 
 
-def _join(name: str, parts: list[torch.Tensor], shape: tuple[int, ...], gated: bool, path: Path) -> torch.Tensor:
+def join_tp_shards(name: str, parts: list[torch.Tensor], shape: tuple[int, ...], gated: bool, path: Path) -> torch.Tensor:
     """The whole tensor from its tensor-parallel shards (replicated tensors: rank 0's copy)."""
     if tuple(parts[0].shape) == shape:
         return parts[0]
@@ -80,7 +80,7 @@ def _join(name: str, parts: list[torch.Tensor], shape: tuple[int, ...], gated: b
         raise CheckpointError(f"{path}: {name} has shards {[tuple(p.shape) for p in parts]}, which do not make "
                               f"the model's {shape}")
     dim = dims[0]
-    if gated:  # each rank holds [its gate part; its up part] (see models/init.py _shard)
+    if gated:  # each rank holds [its gate part; its up part] (see models/init.py tp_shard)
         halves = [part.chunk(2, dim=dim) for part in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(parts, dim=dim)

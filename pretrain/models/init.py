@@ -32,7 +32,7 @@ def init_weights(chunks: list[torch.nn.Module], seed: int, std: float, num_layer
             for local_name, param in chunk.named_parameters():
                 name = full_model_name(chunk, local_name)
                 full = _draw(name, _full_shape(param, tp_size), seed, std, num_layers)
-                param.copy_(_shard(full, param, tp_rank, tp_size, gated and "linear_fc1" in name))
+                param.copy_(tp_shard(full, param, tp_rank, tp_size, gated and "linear_fc1" in name))
 
 
 def full_model_name(chunk: torch.nn.Module, local_name: str) -> str:
@@ -65,7 +65,7 @@ def _draw(name: str, shape: list[int], seed: int, std: float, num_layers: int) -
     return torch.empty(shape).normal_(0.0, scale, generator=generator)
 
 
-def _shard(full: torch.Tensor, param: torch.Tensor, rank: int, size: int, gated: bool) -> torch.Tensor:
+def tp_shard(full: torch.Tensor, param: torch.Tensor, rank: int, size: int, gated: bool) -> torch.Tensor:
     """This TP rank's part of ``full``. A gated MLP's first layer holds [gate; up] per rank, so its gate and up
     halves are split separately (a contiguous split would hand rank 0 the whole gate)."""
     if not getattr(param, "tensor_model_parallel", False) or size == 1:

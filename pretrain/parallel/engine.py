@@ -1,16 +1,20 @@
-"""The one DeepSpeed adapter: ZeRO config generated from ours, the engine built around our model chunks, and
-``TrainEngine``, through which the trainer runs every layout without branching on ZeRO stage or pipelining.
+"""The one DeepSpeed adapter: ZeRO config generated from ours, the engine built around our model chunks,
+``TrainEngine``, through which the trainer runs every layout without branching on ZeRO stage or pipelining, and
+the checkpoint engine through which DeepSpeed's saves reach our CheckpointWriter.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+import math
+from pathlib import Path
+from typing import Any, Callable
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from megatron.core import parallel_state
 
 from pretrain.config import Config
@@ -48,6 +52,21 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dic
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+class SnapshotCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed checkpoint engine whose ``save`` hands each file's state to ``add`` (a CheckpointWriter's, which
+    copies it to host memory and writes it later) instead of writing; loading is torch's."""
+
+    def __init__(self, add: Callable[[Any, Path], None]):
+        super().__init__()
+        self.add = add
+
+    def save(self, state_dict, path: str) -> None:
+        self.add(state_dict, Path(path))
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # the snapshot already copies every tensor (DeepSpeed would clone the model states again)
 
 
 def build_engine(chunks: list[torch.nn.Module], cfg: Config, dims: ParallelDims, dtype: torch.dtype):
@@ -166,6 +185,8 @@ class TrainEngine:
         self.engine, self.chunks, self.loss_fn = engine, chunks, loss_fn
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        self._skip_update = False
+        self._gate_optimizer_step()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -196,13 +217,46 @@ class TrainEngine:
             return total / len(batches)
         return self._pipeline(batches, forward_only=False).mean()
 
-    def step(self) -> None:
-        """Clip, reduce over data parallelism, update (per ZeRO stage) and zero the gradients."""
+    def step(self, skip: bool = False) -> bool:
+        """Clip, reduce over data parallelism, update (per ZeRO stage) and zero the gradients.
+
+        The update is skipped, leaving parameters and optimizer state exactly as they were, when ``skip`` is set
+        (the caller's decision, the same on every rank) or the global gradient norm is not finite (the same on
+        every rank: it is reduced over all of them); gradients are reduced and cleared either way, so every ZeRO
+        stage's buffers start the next step empty. Returns whether the update was applied.
+        """
         if self.pipelined:
             self._sum_tied_embedding_grads()
             self._sum_pipeline_shared_grads()
             self.engine.allreduce_gradients()  # DeepSpeed's backward does this itself when it runs backward
-        self.engine.step()
+        self._skip_update = skip
+        try:
+            self.engine.step()
+        finally:
+            self._skip_update = False
+        # A skipped update reports an inf (DeepSpeed's ZeRO and bf16 optimizers) or NaN (ZeRO-0 fp32) norm.
+        return not skip and math.isfinite(self.grad_norm())
+
+    def _gate_optimizer_step(self) -> None:
+        """Put a gate in front of the torch optimizer that every layout's update ends in (ZeRO-0 steps it on the
+        parameters; ZeRO-1/2/3 and the bf16 optimizer on their fp32 partitions, then copy those back into the
+        parameters, unchanged if the step did nothing). DeepSpeed's ZeRO and bf16 optimizers already skip a
+        step whose norm is not finite (their overflow path: no update, gradient buffers cleared) but ZeRO-0 in
+        fp32 does not, and none can skip on the caller's word; the gate does both, where every path passes."""
+        basic = self.engine.basic_optimizer
+        update = basic.step
+
+        def gated_step(*args, **kwargs):
+            # The global norm was computed before this call: by _record_fp32_grad_norm (ZeRO-0 fp32) or by the
+            # DeepSpeed optimizer wrapping `basic` (its _global_grad_norm), on every rank alike.
+            wrapper = self.engine.optimizer
+            norm = getattr(wrapper, "_global_grad_norm", None) if wrapper is not basic \
+                else self.engine._global_grad_norm
+            if self._skip_update or (norm is not None and not math.isfinite(float(norm))):
+                return None
+            return update(*args, **kwargs)
+
+        basic.step = gated_step
 
     @property
     def eval_group(self) -> int:

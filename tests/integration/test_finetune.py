@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env, data_overrides, run_cli
+from tests.conftest import REPO, cli_env, run_cli
 from tests.integration.downstream_support import pretrained_gpt, which_play_examples
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, read_metrics, run_cli
+from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, read_metrics, run_cli, train_tiny
 
 STEPS = 60
 # Same run for the reference and the interrupted runs: the LR schedule depends on train.steps.
@@ -21,10 +21,7 @@ RUN_ARGS = [f"--train.steps={STEPS}", "--train.log_every=1", "--checkpoint.every
 @pytest.fixture(scope="module")
 def reference_run(shakespeare, tmp_path_factory) -> Path:
     """The acceptance command: gpt_tiny for 60 steps, uninterrupted."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, *data_overrides(shakespeare, run_dir))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    return train_tiny(shakespeare, tmp_path_factory.mktemp("reference"), *RUN_ARGS)
 
 
 def test_loss_falls_metrics_and_checkpoint(reference_run):
@@ -41,11 +38,13 @@ def test_loss_falls_metrics_and_checkpoint(reference_run):
     assert (reference_run / "config.yaml").is_file() and (reference_run / "tokenizer.model").is_file()
 
 
-def _start(shakespeare, run_dir: Path) -> subprocess.Popen:
+def _start(shakespeare, run_dir: Path, faults: str = "") -> subprocess.Popen:
+    from pretrain.ft import TEST_FAULTS_ENV
+
     cmd = [sys.executable, "-m", "pretrain", "train", str(TINY_CONFIG), *RUN_ARGS,
            *data_overrides(shakespeare, run_dir)]
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env={**cli_env(), TEST_FAULTS_ENV: faults}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -78,10 +77,18 @@ def test_kill_after_checkpoint_then_rerun_continues(shakespeare, reference_run, 
 
 
 def test_sigterm_saves_exits_requeue_code_and_resumes(shakespeare, reference_run, tmp_path):
+    """SIGTERM, then a second SIGTERM while the checkpoint it asked for is being written (a 3 s save window)."""
     from pretrain.ft import REQUEUE_EXIT_CODE
 
-    proc = _start(shakespeare, tmp_path)
-    _wait_for(tmp_path / "checkpoints" / "step_20" / "COMMITTED", proc)
+    proc = _start(shakespeare, tmp_path, faults="save_delay_s=3")
+    checkpoints = tmp_path / "checkpoints"
+    _wait_for(checkpoints / "step_20" / "COMMITTED", proc)
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while not (saving := [p for p in checkpoints.glob("step_*") if p.name != "step_20"]):  # its save began
+        assert proc.poll() is None and time.monotonic() < deadline, "the signal's checkpoint never started"
+        time.sleep(0.02)
+    assert not (saving[0] / "COMMITTED").exists()
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]

@@ -365,3 +365,12 @@ def test_every_section_field_has_a_doc_comment_directly_above():
     # The parse really saw the fields (guards against the check passing on an empty list).
     assert sum(len(found[c]) for c in sections) == sum(len(dataclasses.fields(getattr(Config(), f.name)))
                                                        for f in dataclasses.fields(Config))
+
+
+def test_checkpoint_async_is_accepted_as_the_async_save_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: shards}\ncheckpoint: {async: true}\n")
+    assert C.load(path).checkpoint.async_save is True
+    assert C.load(path, ["--checkpoint.async=false"]).checkpoint.async_save is False
+    with pytest.raises(ConfigError, match="checkpoint.async_save: expected bool"):
+        C.load(path, ["--checkpoint.async=maybe"])

@@ -5,7 +5,6 @@ the stream reader adapter; TP=2 equal to TP=1 with memory.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
