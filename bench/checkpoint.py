@@ -25,24 +25,11 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bundled_data import build_data  # noqa: E402
+
 _COMMITTED = re.compile(r"^checkpoint step_\d+ committed: ([\d.]+) MB; rank 0 wrote its share in ([\d.]+) s",
                         re.M)
-
-
-def build_data(out: pathlib.Path) -> dict:
-    """Tokenizer and shards of the bundled corpus (reused when present)."""
-    sys.path.insert(0, str(REPO))
-    from data_pipeline.corpus import extract_bundled
-    from data_pipeline.shards import prepare_shards
-    from data_pipeline.tokenizer import train_tokenizer
-
-    paths = {"tokenizer": out / "tokenizer.model", "train": out / "train"}
-    if not (paths["train"] / "manifest.json").is_file():
-        splits = extract_bundled(out / "corpus")
-        train_tokenizer([str(splits["train"])], str(out / "tokenizer"), vocab_size=8192)
-        prepare_shards([str(splits["train"])], str(paths["tokenizer"]), str(paths["train"]), seq_length=256,
-                       samples_per_shard=8, sequences_per_sample=64, prefix="train")
-    return paths
 
 
 def run(mode: str, args, data: dict, out: pathlib.Path) -> dict:
@@ -88,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     out = pathlib.Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(out)
+    data = build_data(out, vocab_size=8192, seq_length=256)
     results = {mode: run(mode, args, data, out) for mode in ("sync", "async")}
     sync = results["sync"]
     print(f"GPT {args.layers} layers x d{args.hidden}, {args.nproc} process(es); checkpoint {sync['mb']:.0f} MB "

@@ -1,6 +1,6 @@
-"""Turning a config into processes: torchrun argv/env, Slurm env → torch env, sbatch rendering.
+"""Turning a config into processes: torchrun argv (``local``), Slurm env → torch env (``slurm_env``), sbatch
+rendering and submission (``slurm``), and the ``pretrain launch local|slurm`` subcommands (``cli``).
 
-Today `pretrain train` reads the standard launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) that torchrun exports, so `torchrun ... -m pretrain train CFG` works as is. The `pretrain launch`
-subcommands and the Slurm mapping arrive with the launchers issue.
+`pretrain train` reads the standard launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+that torchrun exports; as a bare ``srun`` task it derives the same from SLURM_* (``slurm_env.apply``).
 """

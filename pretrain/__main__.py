@@ -1,8 +1,8 @@
 """``pretrain`` command line (also ``python -m pretrain``).
 
 Subcommands: ``train``, ``eval``, ``generate``, ``demo``, ``tokenizer train``, ``data prepare``, ``finetune``,
-``export hf``. Heavy imports (megatron-core, DeepSpeed) happen inside the subcommand, so ``--help`` and config
-errors are instant.
+``export hf``, ``launch local``, ``launch slurm``. Heavy imports (megatron-core, DeepSpeed) happen inside the
+subcommand, so ``--help`` and config errors are instant.
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain import downstream_cli
 
     downstream_cli.register(sub)  # finetune, export hf
+    from launch import cli as launch_cli
+
+    launch_cli.register(sub)  # launch local, launch slurm
     return parser
 
 

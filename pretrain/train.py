@@ -23,6 +23,9 @@ from pretrain.parallel import ParallelDims, init_process_groups
 
 def main(cfg: Config) -> int:
     """Run training to ``cfg.train.steps``; returns the process exit code (see pretrain.ft)."""
+    from launch import slurm_env
+
+    slurm_env.apply()  # a bare `srun pretrain train` task: SLURM_* → RANK/WORLD_SIZE/... (no-op otherwise)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_config(cfg, world_size)  # bad layouts fail here, before any process group exists
     device = device_layer.detect(int(os.environ.get("LOCAL_RANK", "0")), cfg.train.precision)
@@ -46,10 +49,12 @@ def shutdown() -> None:
 def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     """Build every component for this rank: process groups, data, model, engine → a ready Trainer."""
     # Imported here, after the device layer ran: DeepSpeed picks its accelerator when first imported.
+    import torch
     from megatron.core import parallel_state
 
     from pretrain.checkpoint import CheckpointManager
     from pretrain.metrics import MetricsLogger
+    from pretrain.metrics import prometheus
     from pretrain.models.init import init_weights
     from pretrain.parallel.engine import TrainEngine, build_engine
     from pretrain.trainer import Trainer
@@ -96,7 +101,10 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         cfg, spec, spec.make_batch_fn(cfg, train_data.manifest), engine, train_data, valid_data,
         checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                       cfg.checkpoint.async_save, layout),
-        metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0),
+        metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0, exporter=prometheus.from_config(
+            cfg, int(os.environ.get("LOCAL_RANK", "0")), rank, layout, to_yaml(cfg),
+            tokens_per_sample=cfg.model.seq_length,
+            device_name=torch.cuda.get_device_name(device.device) if device.is_cuda else None)),
         device=device.device,
         accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),

@@ -91,6 +91,8 @@ class Trainer:
                 self.save()
                 if record:
                     record[names.CHECKPOINT_BLOCKING_S] = self.checkpoints.stats["blocking_s"]
+            if record and self.checkpoints.last_commit:  # set by the save (sync) or a later poll (async)
+                record.update(self.checkpoints.last_commit)
             if record:
                 self.metrics.log(record)
             if stop:
@@ -131,12 +133,14 @@ class Trainer:
             group["lr"] = lr
         batches = [self.batch_fn(next(data), self.train_data.last_indices, self.device)
                    for _ in range(self.accumulation)]
+        data_ready = time.perf_counter()
         with ft.injected_faults(self.faults, self.engine, step, self.rank):
             loss = self.engine.forward_backward(batches)  # mean over the micro-batches, on every rank
         # One all-reduce per step for the data-parallel mean loss (TP/PP peers already agree): the same number on
         # every rank, so every rank makes the same skip decision.
         dist.all_reduce(loss, group=self.dp_group)
         loss_value = loss.item() / self.dp_size
+        backward_done = time.perf_counter()  # the .item() above waited for the forward/backward's device work
         spike = self._is_spike(step, loss_value)
         self.watchdog.note("optimizer step")
         skip = not math.isfinite(loss_value) or (spike and self.cfg.ft.spike_policy == "skip")
@@ -163,6 +167,9 @@ class Trainer:
             names.GRAD_NORM: grad_norm,
             names.TOKENS_PER_S: tokens_per_s,
             names.STEP_TIME_S: step_time,
+            names.DATA_WAIT_S: data_ready - start,
+            names.FORWARD_BACKWARD_S: backward_done - data_ready,
+            names.OPTIMIZER_S: step_time - (backward_done - start),
             names.TOKENS_TOTAL: self.state.tokens,
             names.TFLOPS: tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12,
             names.SKIPPED_SHARDS: self.train_data.skipped_shards,

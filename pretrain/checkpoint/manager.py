@@ -89,6 +89,8 @@ class CheckpointManager:
         self._pending: tuple[int, Path, CheckpointWriter, float] | None = None
         #: Numbers of the last save: seconds the training loop was blocked, seconds of writing, bytes written.
         self.stats: dict[str, float] = {}
+        #: The last commit as metrics record keys (step, unix time, seconds from save start to commit); {} before.
+        self.last_commit: dict[str, float] = {}
 
     # -- finding -------------------------------------------------------------------------------------------------
 
@@ -208,6 +210,8 @@ class CheckpointManager:
                   f"{writer.write_seconds:.2f} s", flush=True)
         self.stats.update(write_s=writer.write_seconds, bytes=sum(m["bytes"] for m in files[self.rank].values()))
         _barrier()
+        self.last_commit = {"last_checkpoint_step": step, "last_checkpoint_time": time.time(),
+                            "checkpoint_save_s": time.perf_counter() - start}
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

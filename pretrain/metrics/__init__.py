@@ -1,4 +1,5 @@
-"""Metrics collector and sinks. Rank 0 writes; numbers come from what the loop already computed."""
+"""Metrics collector and sinks. Rank 0 writes console + JSONL; every rank feeds its Prometheus exporter (if on).
+Numbers come from what the loop already computed."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pretrain.metrics import names
 
 
 class MetricsLogger:
-    """Console line and ``metrics.jsonl`` record per logged step. Only the writer rank (global rank 0) emits."""
+    """Console line and ``metrics.jsonl`` record per logged step, written by the writer rank (global rank 0);
+    ``exporter`` (pretrain.metrics.prometheus.PrometheusExporter, one per rank) gets every rank's records."""
 
-    def __init__(self, run_dir: Path, cfg: MetricsConfig, is_writer: bool):
-        self.cfg, self.is_writer = cfg, is_writer
+    def __init__(self, run_dir: Path, cfg: MetricsConfig, is_writer: bool, exporter=None):
+        self.cfg, self.is_writer, self.exporter = cfg, is_writer, exporter
         self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a") if (is_writer and cfg.jsonl) else None
 
     def log(self, record: dict[str, Any]) -> None:
         """Emit one record (a training step or an evaluation)."""
+        if self.exporter is not None:
+            self.exporter.update(record)
         if not self.is_writer:
             return
         if self._jsonl:
@@ -29,8 +33,11 @@ class MetricsLogger:
             print(format_line(record), file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        """Close the JSONL file and stop serving /metrics."""
         if self._jsonl:
             self._jsonl.close()
+        if self.exporter is not None:
+            self.exporter.close()
 
 
 def format_line(record: dict[str, Any]) -> str:

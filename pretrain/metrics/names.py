@@ -18,3 +18,46 @@ LOSS_SPIKES = "loss_spikes"  # total steps whose loss was a spike (ft.spike_zsco
 
 #: Keys every logged training step carries.
 REQUIRED = (STEP, LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S)
+
+# Step-time split and checkpoint commits, measured by the loop on log steps (every rank; JSONL on rank 0).
+DATA_WAIT_S = "data_wait_s"  # seconds this step waited for its batches (reader + batch_fn)
+FORWARD_BACKWARD_S = "forward_backward_s"  # forward + backward of all micro-batches, incl. the loss all-reduce
+OPTIMIZER_S = "optimizer_s"  # the rest of the step: clipping, the ZeRO optimizer step, grad norm
+CHECKPOINT_SAVE_S = "checkpoint_save_s"  # seconds from the last committed save's start to its commit
+LAST_CHECKPOINT_STEP = "last_checkpoint_step"  # step of the last committed checkpoint
+LAST_CHECKPOINT_TIME = "last_checkpoint_time"  # unix time of the last commit
+
+# Prometheus metric names (pretrain.metrics.prometheus). Conventions: base units (seconds, bytes, FLOP/s, ratios),
+# `_total` for counters. Every series carries the labels run, rank, node, model; never the step.
+PROM_PREFIX = "pretrain_"
+PROM_STEP = "pretrain_step"
+PROM_LOSS = "pretrain_loss"
+PROM_VAL_LOSS = "pretrain_validation_loss"
+PROM_LR = "pretrain_learning_rate"
+PROM_GRAD_NORM = "pretrain_grad_norm"
+PROM_TOKENS_PER_S = "pretrain_tokens_per_second"
+PROM_SAMPLES_PER_S = "pretrain_samples_per_second"
+PROM_FLOPS = "pretrain_model_flops_per_second"  # model FLOP/s per device (the JSONL's tflops_per_device × 1e12)
+PROM_MFU = "pretrain_mfu_ratio"  # model FLOP/s ÷ the device's peak; absent unless a peak is known or configured
+PROM_STEP_TIME = "pretrain_step_time_seconds"  # histogram of logged steps' wall time
+PROM_LAST_STEP_TIME = "pretrain_last_step_time_seconds"  # the last logged step's wall time (straggler views)
+PROM_DATA_WAIT = "pretrain_data_wait_seconds"
+PROM_FORWARD_BACKWARD = "pretrain_forward_backward_seconds"
+PROM_OPTIMIZER = "pretrain_optimizer_seconds"
+PROM_DEVICE_MEM_ALLOCATED = "pretrain_device_memory_allocated_bytes"
+PROM_DEVICE_MEM_RESERVED = "pretrain_device_memory_reserved_bytes"
+PROM_DEVICE_MEM_PEAK = "pretrain_device_memory_peak_bytes"
+PROM_HOST_RSS = "pretrain_host_memory_rss_bytes"
+PROM_TOKENS_TOTAL = "pretrain_tokens_total"
+PROM_SKIPPED_STEPS = "pretrain_skipped_steps_total"
+PROM_LOSS_SPIKES = "pretrain_loss_spikes_total"
+PROM_SKIPPED_SHARDS = "pretrain_skipped_shards_total"
+PROM_CHECKPOINT_SAVE = "pretrain_checkpoint_save_seconds"
+PROM_CHECKPOINT_BLOCKING = "pretrain_checkpoint_blocking_seconds"
+PROM_LAST_CHECKPOINT_STEP = "pretrain_last_checkpoint_step"
+PROM_LAST_CHECKPOINT_TIME = "pretrain_last_checkpoint_timestamp_seconds"
+PROM_TARGET_STEPS = "pretrain_target_steps"  # train.steps: a run whose step reached it finished, not stalled
+PROM_LAST_STEP_TIMESTAMP = "pretrain_last_step_timestamp_seconds"  # liveness: unix time of the last logged step
+PROM_RESTARTS = "pretrain_restarts_total"  # SLURM_RESTART_COUNT or TORCHELASTIC_RESTART_COUNT
+PROM_BUILD_INFO = "pretrain_build_info"  # 1, labelled with version, config hash and world layout
+PROM_LABELS = ("run", "rank", "node", "model")

@@ -1,21 +1,14 @@
-"""Run configuration: one dataclass per section, loaded from YAML, overridden by ``--section.key=value``.
+"""The run configuration's sections: one dataclass per section (and per nested section), inert typed data.
 
-Config is inert typed data. Nothing here builds runtime objects and nothing reads a global config: ``build()``
-functions elsewhere take the section they need. Every field has a docstring-style comment (``#:``) that the README's
-config reference is written from.
+Every field has a docstring-style comment (``#:``) that the README's config reference is written from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -205,11 +198,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    #: Serve Prometheus metrics (/metrics) on every rank, at host:port + LOCAL_RANK.
+    enabled: bool = False
+    #: Address the exporter binds to; the default keeps it on the machine, anything else is an explicit choice.
+    host: str = "127.0.0.1"
+    #: Base port; local rank r serves on port + r.
+    port: int = 9400
+
+
+@dataclass
 class MetricsConfig:
     #: Write metrics.jsonl in the run directory.
     jsonl: bool = True
     #: Print a line per logged step on rank 0.
     console: bool = True
+    #: The Prometheus exporter (``metrics.prometheus.enabled``, ``.host``, ``.port``).
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    #: Peak dense TFLOP/s of one device for the MFU metric; 0: look the GPU up in a table (no MFU on CPU).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -267,182 +274,3 @@ class Config:
 
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.run.dir) / "checkpoints")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading, overrides, type checks.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _describe(tp) -> str:
-    if typing.get_origin(tp) is list:
-        return f"a path or a list of {typing.get_args(tp)[0].__name__} mappings"
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Check ``value`` against the field type; ints are accepted for floats. Raises ConfigError naming ``key``."""
-    if typing.get_origin(tp) is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
-            return value
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # PyYAML (YAML 1.1) reads `3e-4` as a string; it is a float to every user
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp in (str, bool) and isinstance(value, tp):
-        return value
-    elif typing.get_origin(tp) is list and dataclasses.is_dataclass(item := typing.get_args(tp)[0]):
-        items = ([value] if value else []) if isinstance(value, str) else value  # a lone path: one source
-        if isinstance(items, list):
-            return [item(path=v) if isinstance(v, str) else _build_section(item, v, f"{key}[{i}]")
-                    for i, v in enumerate(items)]
-    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
-
-
-#: Keys users may write that cannot be field names: (section, key) -> field.
-_ALIASES = {("checkpoint", "async"): "async_save"}
-
-
-def _build_section(cls, values: dict[str, Any], prefix: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        key = _ALIASES.get((prefix, key), key)
-        if key not in hints:
-            raise ConfigError(f"unknown key '{prefix}.{key}' (allowed: {', '.join(names)})")
-        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
-    return cls(**kwargs)
-
-
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from nested plain data (as loaded from YAML)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
-    hints = typing.get_type_hints(Config)
-    sections = {}
-    for name, values in raw.items():
-        if name not in hints:
-            raise ConfigError(f"unknown section '{name}' (allowed: {', '.join(hints)})")
-        sections[name] = _build_section(hints[name], values or {}, name)
-    cfg = Config(**sections)
-    validate(cfg)
-    return cfg
-
-
-def parse_override(arg: str) -> tuple[list[str], Any]:
-    """``--section.key=value`` → (["section", "key"], value), the value parsed as a YAML scalar."""
-    if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
-        raise ConfigError(f"bad override {arg!r}: expected --section.key=value")
-    dotted, text = arg[2:].split("=", 1)
-    return dotted.split("."), yaml.safe_load(text) if text != "" else ""
-
-
-def load(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Load a YAML config file, apply ``--section.key=value`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    sections = typing.get_type_hints(Config)
-    for arg in overrides:
-        keys, value = parse_override(arg)
-        if len(keys) != 2:
-            raise ConfigError(f"bad override {arg!r}: expected exactly --section.key=value")
-        section = raw.get(keys[0]) or {}  # an empty `ft:` in the file loads as None
-        if not isinstance(section, dict):
-            raise ConfigError(f"{keys[0]}: expected a mapping of keys")
-        if keys[0] in sections and typing.get_type_hints(sections[keys[0]]).get(keys[1]) is str:
-            value = arg.split("=", 1)[1]  # text fields take the text as typed: --run.name=2024 is not a number
-        section[keys[1]] = value
-        raw[keys[0]] = section
-    return from_dict(raw)
-
-
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML text; ``load`` of it gives back an equal Config."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def dump(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run directory's config.yaml)."""
-    Path(path).write_text(to_yaml(cfg))
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def validate(cfg: Config) -> None:
-    """Value checks that need no world size (those live in ParallelDims)."""
-    m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
-    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
-                       ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
-                       ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
-                       ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.log_every", t.log_every), ("parallel.tensor", p.tensor),
-                       ("parallel.pipeline", p.pipeline), ("parallel.virtual_pipeline", p.virtual_pipeline)]:
-        _require(value > 0, key, f"must be > 0, got {value}")
-    for key, value in [("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
-                       ("train.global_batch_size", t.global_batch_size), ("train.eval_every", t.eval_every),
-                       ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
-                       ("optim.decay_steps", o.decay_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                       ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("data.num_workers", cfg.data.num_workers)]:
-        _require(value >= 0, key, f"must be >= 0, got {value}")
-    _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
-             f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
-    for key, value in [("model.mem_length", m.mem_length), ("model.clamp_len", m.clamp_len)]:
-        _require(value >= 0, key, f"must be >= 0, got {value}")
-    for key, value in [("model.eval_mem_length", m.eval_mem_length), ("model.eval_clamp_len", m.eval_clamp_len)]:
-        _require(value >= -1, key, f"must be >= 0, or -1 for the training value; got {value}")
-    for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout),
-                       ("model.mask_prob", m.mask_prob), ("model.short_seq_prob", m.short_seq_prob)]:
-        _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
-    for key, value in [("optim.lr", o.lr), ("optim.eps", o.eps), ("model.init_method_std", m.init_method_std),
-                       ("model.layernorm_epsilon", m.layernorm_epsilon)]:
-        _require(0 < value < math.inf, key, f"must be a finite number > 0, got {value}")
-    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
-        _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
-    _require(0 <= o.weight_decay < math.inf, "optim.weight_decay", f"must be a finite number >= 0, got {o.weight_decay}")
-    _require(o.decay_steps == 0 or o.decay_steps > o.warmup_steps, "optim.decay_steps",
-             f"must be 0 or > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
-    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
-    _require(0 <= o.clip_grad < math.inf, "optim.clip_grad", f"must be a finite number >= 0, got {o.clip_grad}")
-    _require(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline",
-             f"{p.virtual_pipeline} needs parallel.pipeline > 1 (interleaving splits each pipeline stage)")
-    _require(p.zero_stage <= 1 or p.pipeline == 1, "parallel.zero_stage",
-             f"{p.zero_stage} needs parallel.pipeline 1 (got {p.pipeline}): ZeRO-2/3 partition gradients inside "
-             "DeepSpeed's backward, which the pipeline schedule bypasses; use zero_stage 0 or 1 with pipelines")
-    _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
-    _require(m.family != "transformer_xl" or p.activation_checkpointing != "full", "parallel.activation_checkpointing",
-             "full recomputation would run each Transformer-XL segment twice and update its memory twice; use "
-             "none or selective")
-    _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
-    for i, source in enumerate(cfg.data.train):
-        _require(bool(source.path), f"data.train[{i}].path", "is required")
-        _require(0 < source.weight < math.inf, f"data.train[{i}].weight", f"must be > 0, got {source.weight}")
-    _require(cfg.data.shuffle_window_blocks > 0, "data.shuffle_window_blocks",
-             f"must be > 0, got {cfg.data.shuffle_window_blocks}")
-    for key, value in [("ft.step_timeout_s", cfg.ft.step_timeout_s), ("ft.startup_timeout_s", cfg.ft.startup_timeout_s),
-                       ("ft.save_timeout_s", cfg.ft.save_timeout_s), ("ft.spike_zscore", cfg.ft.spike_zscore)]:
-        _require(0 <= value < math.inf, key, f"must be a finite number >= 0 (0 disables), got {value}")
-    _require(cfg.ft.max_skipped_in_a_row >= 0, "ft.max_skipped_in_a_row",
-             f"must be >= 0, got {cfg.ft.max_skipped_in_a_row}")
-    _require(cfg.ft.spike_window >= 2, "ft.spike_window", f"must be >= 2, got {cfg.ft.spike_window}")
-

@@ -1,0 +1,77 @@
+"""Value checks of a whole Config that need no world size (those live in ParallelDims)."""
+
+from __future__ import annotations
+
+import math
+
+from pretrain.config.sections import Config, ConfigError
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no world size (those live in ParallelDims)."""
+    m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
+                       ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+                       ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.log_every", t.log_every), ("parallel.tensor", p.tensor),
+                       ("parallel.pipeline", p.pipeline), ("parallel.virtual_pipeline", p.virtual_pipeline)]:
+        _require(value > 0, key, f"must be > 0, got {value}")
+    for key, value in [("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
+                       ("train.global_batch_size", t.global_batch_size), ("train.eval_every", t.eval_every),
+                       ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
+                       ("optim.decay_steps", o.decay_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("data.num_workers", cfg.data.num_workers)]:
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
+             f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
+    for key, value in [("model.mem_length", m.mem_length), ("model.clamp_len", m.clamp_len)]:
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    for key, value in [("model.eval_mem_length", m.eval_mem_length), ("model.eval_clamp_len", m.eval_clamp_len)]:
+        _require(value >= -1, key, f"must be >= 0, or -1 for the training value; got {value}")
+    for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout),
+                       ("model.mask_prob", m.mask_prob), ("model.short_seq_prob", m.short_seq_prob)]:
+        _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
+    for key, value in [("optim.lr", o.lr), ("optim.eps", o.eps), ("model.init_method_std", m.init_method_std),
+                       ("model.layernorm_epsilon", m.layernorm_epsilon)]:
+        _require(0 < value < math.inf, key, f"must be a finite number > 0, got {value}")
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+    _require(0 <= o.weight_decay < math.inf, "optim.weight_decay", f"must be a finite number >= 0, got {o.weight_decay}")
+    _require(o.decay_steps == 0 or o.decay_steps > o.warmup_steps, "optim.decay_steps",
+             f"must be 0 or > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _require(0 <= o.clip_grad < math.inf, "optim.clip_grad", f"must be a finite number >= 0, got {o.clip_grad}")
+    _require(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline",
+             f"{p.virtual_pipeline} needs parallel.pipeline > 1 (interleaving splits each pipeline stage)")
+    _require(p.zero_stage <= 1 or p.pipeline == 1, "parallel.zero_stage",
+             f"{p.zero_stage} needs parallel.pipeline 1 (got {p.pipeline}): ZeRO-2/3 partition gradients inside "
+             "DeepSpeed's backward, which the pipeline schedule bypasses; use zero_stage 0 or 1 with pipelines")
+    _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+    _require(m.family != "transformer_xl" or p.activation_checkpointing != "full", "parallel.activation_checkpointing",
+             "full recomputation would run each Transformer-XL segment twice and update its memory twice; use "
+             "none or selective")
+    _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
+    for i, source in enumerate(cfg.data.train):
+        _require(bool(source.path), f"data.train[{i}].path", "is required")
+        _require(0 < source.weight < math.inf, f"data.train[{i}].weight", f"must be > 0, got {source.weight}")
+    _require(cfg.data.shuffle_window_blocks > 0, "data.shuffle_window_blocks",
+             f"must be > 0, got {cfg.data.shuffle_window_blocks}")
+    for key, value in [("ft.step_timeout_s", cfg.ft.step_timeout_s), ("ft.startup_timeout_s", cfg.ft.startup_timeout_s),
+                       ("ft.save_timeout_s", cfg.ft.save_timeout_s), ("ft.spike_zscore", cfg.ft.spike_zscore)]:
+        _require(0 <= value < math.inf, key, f"must be a finite number >= 0 (0 disables), got {value}")
+    _require(cfg.ft.max_skipped_in_a_row >= 0, "ft.max_skipped_in_a_row",
+             f"must be >= 0, got {cfg.ft.max_skipped_in_a_row}")
+    _require(cfg.ft.spike_window >= 2, "ft.spike_window", f"must be >= 2, got {cfg.ft.spike_window}")
+    _require(1 <= cfg.metrics.prometheus.port <= 65535, "metrics.prometheus.port",
+             f"must be in [1, 65535], got {cfg.metrics.prometheus.port}")
+    _require(bool(cfg.metrics.prometheus.host), "metrics.prometheus.host", "must not be empty")
+    _require(0 <= cfg.metrics.peak_tflops < math.inf, "metrics.peak_tflops",
+             f"must be a finite number >= 0 (0: look up the GPU), got {cfg.metrics.peak_tflops}")
+
