@@ -53,8 +53,7 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     from megatron.core import parallel_state
 
     from pretrain.checkpoint import CheckpointManager
-    from pretrain.metrics import MetricsLogger
-    from pretrain.metrics import prometheus
+    from pretrain.metrics import MetricsLogger, prometheus
     from pretrain.models.init import init_weights
     from pretrain.parallel.engine import TrainEngine, build_engine
     from pretrain.trainer import Trainer
