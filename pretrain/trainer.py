@@ -240,10 +240,11 @@ class Trainer:
     def resume(self) -> None:
         """Continue from checkpoint.load, else from the newest complete checkpoint that verifies, else start
         fresh. A checkpoint that fails verification is refused (checkpoint.load) or skipped (automatic)."""
-        path = self.cfg.checkpoint.load or self.checkpoints.latest_verified()
-        if not path:
+        found = self.checkpoints.resume_point(self.cfg.checkpoint.load)  # verified once, here
+        if found is None:
             return
-        train_state = self.checkpoints.load(path, self.engine, self.cfg.model)
+        path, marker = found
+        train_state = self.checkpoints.load(path, marker, self.engine, self.cfg.model)
         self.state = TrainState(**train_state["trainer"])
         self.train_data.load_state_dict(train_state["data"])
         self.engine.load_memory_state(train_state.get("memory", []))

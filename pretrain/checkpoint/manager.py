@@ -109,17 +109,23 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.root / f"step_{step}"
 
-    def latest_verified(self) -> Path | None:
-        """Collective: the newest complete checkpoint whose files pass ``verify``; a checkpoint that does not
-        is reported in one line and skipped (auto-resume falls back to the one before)."""
+    def latest_verified(self) -> tuple[Path, dict[str, Any]] | None:
+        """Collective: the newest complete checkpoint whose files pass ``verify``, with its marker; a checkpoint
+        that does not is reported in one line and skipped (auto-resume falls back to the one before)."""
         for step in reversed(self.complete_steps()):
             try:
-                self.verify(self.path(step))
-                return self.path(step)
+                return self.path(step), self.verify(self.path(step))
             except CheckpointError as e:
                 if self.rank == 0:
                     print(f"warning: skipping checkpoint: {e}", flush=True)
         return None
+
+    def resume_point(self, explicit: str = "") -> tuple[Path, dict[str, Any]] | None:
+        """Collective: the checkpoint to resume from, verified, with its marker: ``explicit`` (checkpoint.load;
+        a bad one raises CheckpointError) or else the newest that verifies; None to start fresh."""
+        if explicit:
+            return Path(explicit), self.verify(explicit)
+        return self.latest_verified()
 
     def verify(self, path: str | Path) -> dict[str, Any]:
         """Collective: the marker exists and every file it lists has its size and sha256 (each rank hashes a
@@ -226,16 +232,15 @@ class CheckpointManager:
 
     # -- loading -------------------------------------------------------------------------------------------------
 
-    def load(self, path: str | Path, engine, model: ModelConfig) -> dict[str, Any]:
-        """Collective: verify ``path`` and load it into the TrainEngine ``engine``; returns this rank's train state.
+    def load(self, path: Path, marker: dict[str, Any], engine, model: ModelConfig) -> dict[str, Any]:
+        """Collective: load the checkpoint at ``path`` (verified: ``marker`` is what ``resume_point`` returned)
+        into the TrainEngine ``engine``; returns this rank's train state.
 
         Saved with this run's layout: DeepSpeed loads its own files and every rank gets its own train state back.
         Saved with another layout: the weights and optimizer state are resharded (pretrain.checkpoint.reshard)
         and every rank continues from rank 0's counters and data position; per-rank RNG streams and
         Transformer-XL memory do not carry over to a new layout and start afresh (reported).
         """
-        path = Path(path)
-        marker = self.verify(path)
         check_model_fits(path, model, marker["layout"], self.layout)
         saved = marker["layout"]
         changed = [f"{k} {saved.get(k)}->{self.layout.get(k)}" for k in RESHARD_KEYS
