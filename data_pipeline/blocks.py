@@ -2,7 +2,7 @@
 
 `BlockSource` serves the tar members ("blocks" of packed rows) of one source in the order `sampler.SourcePlan`
 gives, so the reader's shuffling and slicing never touch files. Reading runs one shard ahead in a daemon thread
-(`tario.ReadAhead`): whole shards are read (and hashed on first use) while the caller shuffles and widens rows.
+(`tario.ReadAhead`): whole shards are read (and checksummed on first use) while the caller shuffles and widens rows.
 It follows the same block order as inline reading, so rows and resume positions do not depend on it.
 """
 
@@ -14,8 +14,9 @@ import numpy as np
 
 from data_pipeline import tario
 from data_pipeline.errors import DataError
-from data_pipeline.sampler import SourcePlan, Window
-from data_pipeline.stream import Source, Verifier, local_shard_problems, read_shard
+from data_pipeline.integrity import Verifier
+from data_pipeline.sampler import SourcePlan, Window, WindowMemory
+from data_pipeline.stream import Source, local_shard_problems, read_shard
 
 # Read-ahead: chunks of up to _CHUNK_BYTES of one shard (a whole shard of ~16 MB as written by default: one
 # queue hand-off per shard, not per block), at most _READ_AHEAD_CHUNKS queued (memory ~ (2 + 1) x 32 MB).
@@ -72,6 +73,7 @@ class BlockSource:
         self.src, self.plan, self.verify, self.skip_bad = src, plan, verify, skip_bad
         self.loop, self.read_ahead = loop, read_ahead
         self.verifier = Verifier()
+        self.window_memory = WindowMemory()  # the shuffle windows' buffers, kept across iterations
         self.bad: dict[int, int] = {}  # shard -> first unusable block
         self.messages: list[str] = []  # one per skipped shard, in order
         self._ahead: Iterator[_Chunk] | None = None

@@ -196,7 +196,7 @@ class ShardReader:
         # (no copy), the per-micro-batch Python work is what limits the reader.
         GB, B, m = self.global_batch_size, self.micro_batch_size, self.accumulation
         lo, _ = rank_slice(GB, self.dp_rank, self.dp_size)
-        cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name)
+        cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name, memory=b.window_memory)
                    for p, b, s, pos in zip(self.plans, self._blocks, self.sources, start["positions"])]
         consumed, first, counts = start["consumed_samples"], start["micro_batch"], np.array(start["counts"])
         n_msgs, local, masks = sum(len(b.messages) for b in self._blocks), 0, {}

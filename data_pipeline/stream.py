@@ -5,9 +5,10 @@ Shard I/O shared by `ShardReader` (reader.py) and `StreamReader` (below):
   manifest file/URL with `shards=` as a brace pattern (`shard-{000000..000127}.tar`) or a URL list that
   webdataset opens (`pipe:cat ...`, http via curl, plain paths);
 * `read_shard` reads one shard with webdataset's tar iterators and checks every block against the manifest.
-  Local shards: size checked at open, sha256 before first use. Other URLs: sha256 computed while streaming
-  and compared at the end of the shard (rows of earlier blocks have been handed out by then; each block's
-  token count is still checked as it arrives).
+  Local shards: size checked at open, checksum (xxh3_128; sha256 for older manifests) before first use, member
+  table (integrity.py) checked against the headers. Other URLs: the checksum is computed while streaming and
+  compared at the end of the shard (rows of earlier blocks have been handed out by then; each block's token
+  count is still checked as it arrives).
 
 `StreamReader`: the Transformer-XL `LMOrderedIterator` layout. The corpus's rows are cut from one token stream
 without overlap (shards.py), so the stream is all rows concatenated in manifest order. It is split into
@@ -20,7 +21,6 @@ lane's offset (earlier shards are not opened), so memory is a block per lane, wh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -34,21 +34,16 @@ from webdataset.gopen import gopen, set_options
 
 from data_pipeline import tario
 from data_pipeline.errors import DataError
-from data_pipeline.shards import DTYPES, FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from data_pipeline.integrity import HASHERS, Verifier, manifest_checksum
+from data_pipeline.shards import DTYPES, FORMAT_VERSION, MANIFEST_NAME
 
 # tarfile's stream mode (what webdataset reads with) asks for 10 KiB at a time and buffers any excess; handing
 # it 64 KiB per call makes the whole reader ~1.3x faster on 262 KB members (measured, bench/data.py shards).
 _READ_CHUNK = 1 << 16
-# Shard mappings a reader keeps between epochs (Megatron keeps its dataset mapped for the whole run): mapping a
-# shard afresh costs a page-table fault per 64 KiB touched, ~15 ms per 200 MB epoch here, as much as the copy of
-# the rows itself. Mapped page-cache pages stay reclaimable; the bounds are on address space and on open files
-# (Python's mmap holds a duplicate of the file descriptor until it is unmapped, and `ulimit -n` is often 1024).
-_KEEP_MAPPED_BYTES = 16 << 30
-_KEEP_MAPPED_SHARDS = 128
 
 
 def is_local(url: str) -> bool:
-    """True for plain paths and file: URLs (size and sha256 are checked up front), False for pipe:, http, ..."""
+    """True for plain paths and file: URLs (size and checksum are checked up front), False for pipe:, http, ..."""
     return urllib.parse.urlparse(url).scheme in ("", "file")
 
 
@@ -165,68 +160,29 @@ class _ChunkedReader:
         return data
 
     def drain(self) -> None:
-        """Read to EOF: tarfile stops before the archive's padding, which the sha256 covers too."""
+        """Read to EOF: tarfile stops before the archive's padding, which the checksum covers too."""
         while self.read(_READ_CHUNK):
             pass
-
-
-class Verifier:
-    """What one reader learns about its local shard files. sha256: checked once per process before first use,
-    from the mapped bytes the reader then uses (one pass over them), else by reading the file.
-    `tar_index`: each fully read shard's member table (tario.py), so later epochs skip header parsing; `mapped`:
-    the shards' mappings, kept (within bounds) so later epochs do not fault their pages in again."""
-
-    def __init__(self):
-        self.tar_index: dict = {}
-        self._done: dict[str, bool] = {}
-        self._maps: dict[tuple, memoryview] = {}  # file identity -> its mapping, kept for later epochs
-        self._mapped = 0  # bytes in _maps
-
-    def __getstate__(self) -> dict:  # a process of its own (DataLoader worker) maps the files again
-        return {**self.__dict__, "_maps": {}, "_mapped": 0}
-
-    def mapped(self, f) -> memoryview | None:
-        """`f` mapped whole (`tario.map_whole`), reusing this reader's mapping of the same file identity: a
-        rewritten file (new inode, size or mtime) is mapped afresh."""
-        st = os.fstat(f.fileno())
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        data = self._maps.get(key)
-        if data is None:
-            data = tario.map_whole(f)
-            if data is not None and self._mapped + len(data) <= _KEEP_MAPPED_BYTES \
-                    and len(self._maps) < _KEEP_MAPPED_SHARDS:
-                self._maps[key] = data
-                self._mapped += len(data)
-        return data
-
-    def ok_bytes(self, path: str, sha256: str, data: memoryview) -> bool:
-        """Like `ok`, from the file's bytes as mapped (one pass over them instead of a second read)."""
-        if path not in self._done:
-            self._done[path] = hashlib.sha256(data).hexdigest() == sha256
-        return self._done[path]
-
-    def ok(self, path: str, sha256: str) -> bool:
-        """Whether `path` hashes to `sha256` (remembered for this process)."""
-        if path not in self._done:
-            self._done[path] = file_sha256(path) == sha256
-        return self._done[path]
 
 
 def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = True,
                verifier: Verifier | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (block, rows [n, seq_length + 1]) for blocks >= start_block of one shard, checking as it goes.
 
-    Local shards: sha256 checked before the first row (once per process), then read with `tarfile` random
-    access (tario.py): members before start_block are not read. Other URLs (and compressed local tars) stream
-    through webdataset; their sha256 is computed while streaming and checked at the end of the shard (after its
-    last block), and earlier blocks are read, not decoded.
+    Local shards: checksum (xxh3_128, or sha256 in older manifests; integrity.py) checked before the first row,
+    once per `verifier` and file, then read with `tarfile` random access (tario.py): members before start_block
+    are not read; the manifest's member table, checked against the headers (integrity.py), replaces tarfile's
+    header parsing. Other URLs (and compressed local tars) stream through webdataset; their checksum is
+    computed while streaming and checked at the end of the shard (after its last block), and earlier blocks
+    are read, not decoded.
     """
     info, url, m = src.manifest["shards"][shard], src.urls[shard], src.manifest
     local = is_local(url)
     verifier = verifier or Verifier()
     np_dtype, ext = DTYPES[m["dtype"]]
     spp, row = m["sequences_per_sample"], src.row
-    hasher = hashlib.sha256() if verify and not local and "sha256" in info else None
+    checksum = manifest_checksum(info) if verify else None  # (algorithm, hex digest) or None
+    hasher = HASHERS[checksum[0]]() if checksum and not local else None
     try:
         stream = open(local_path(url), "rb") if local else gopen(url)
     except Exception as exc:
@@ -234,13 +190,13 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
     wrapped, complete = _ChunkedReader(stream, hasher), False
     try:
         data = verifier.mapped(stream) if local else None  # page-cache views, hashed in place
-        if verify and local and "sha256" in info:
-            path = str(local_path(url))
-            if not (verifier.ok(path, info["sha256"]) if data is None else
-                    verifier.ok_bytes(path, info["sha256"], data)):
-                raise DataError(f"{url}: sha256 does not match {MANIFEST_NAME} (corrupt or replaced shard)")
+        members = None
+        if checksum and local and not verifier.ok(stream, *checksum, data):
+            raise DataError(f"{url}: {checksum[0]} does not match {MANIFEST_NAME} (corrupt or replaced shard)")
+        if data is not None:  # the manifest's member table, checked against the headers, replaces parsing them
+            members = verifier.table(stream, url, data, m, info, ext, np.dtype(np_dtype).itemsize, bool(checksum))
         if local and tario.seekable_plain_tar(stream):
-            samples = tario.iter_samples(stream, start_block, verifier.tar_index, data)
+            samples = tario.iter_samples(stream, start_block, verifier.tar_index, data, members)
         else:
             samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": wrapped}]))
         pos = 0
@@ -260,8 +216,8 @@ def read_shard(src: Source, shard: int, start_block: int = 0, verify: bool = Tru
             raise DataError(f"{url}: truncated shard, {pos} of {info['blocks']} blocks readable")
         if hasher is not None:
             wrapped.drain()
-            if hasher.hexdigest() != info["sha256"]:
-                raise DataError(f"{url}: sha256 does not match {MANIFEST_NAME} (corrupt or replaced shard)")
+            if hasher.hexdigest() != checksum[1]:
+                raise DataError(f"{url}: {checksum[0]} does not match {MANIFEST_NAME} (corrupt or replaced shard)")
         complete = True
     except (DataError, GeneratorExit):
         raise

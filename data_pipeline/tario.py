@@ -23,6 +23,7 @@ import tarfile
 import threading
 from typing import BinaryIO, Iterator
 
+import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 # Compressed tars stay on webdataset's stream path (random access into a compressed stream re-decompresses).
@@ -45,15 +46,71 @@ def map_whole(f: BinaryIO) -> memoryview | None:
     Measured on bench/data.py shards: a read() into a buffer cost as much as raw tarfile's whole epoch, and fresh
     buffers another ~40% (page faults), since rows stay alive in the shuffle window after their shard is done.
     The mapping lives as long as an array still views it. A shard truncated while mapped would fault (SIGBUS):
-    shards are immutable inputs, their size is checked against the manifest at open and sha256 before use.
+    shards are immutable inputs, their size is checked against the manifest at open and checksum before use.
     """
     if os.fstat(f.fileno()).st_size == 0:
         return None
-    return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
+        # Pages of a shard that is not yet in the page cache are then read into 2 MiB folios and mapped 2 MiB
+        # per fault, here and in every later mapping of it (other ranks, later epochs, later runs); without, a
+        # fault maps 64 KiB. Measured (4 shards, 64 MB, read cold): 40 faults instead of 1,039, and later
+        # mappings plus xxh3 in 2.9 ms instead of 9.3 ms. Pages already cached in small folios (e.g. shards
+        # just written on this machine) stay as they are. MAP_POPULATE, MADV_POPULATE_READ, MADV_WILLNEED and
+        # MADV_SEQUENTIAL were measured too: the same 64 KiB faults at the same cost.
+        try:
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: the mapping works as it is
+            pass
+    return memoryview(mapped)
+
+
+def check_members(data: memoryview, table: list[tuple[str, int, int]]) -> str | None:
+    """None if tarfile would read exactly `table` ((name, data offset, size) per member) from the tar bytes
+    `data`, for tars as `tarfile` writes them (ustar headers, no PAX/GNU extension records); else what differs.
+
+    For a table known from elsewhere (the manifest), so a reader need not parse the headers (~15 µs each in
+    tarfile) yet never trusts a wrong table: the members must sit back to back from offset 0, each header must
+    be a regular-file header with the table's name (and no ustar prefix), the table's size in tarfile's octal
+    form and a valid header checksum, and the archive must end with a zero block after the last member. All
+    members of a shard are checked at once with numpy (~0.1 ms for 64 members; tarfile parses them in ~1.2 ms).
+    """
+    n = len(table)
+    if n == 0:
+        return "empty member table"
+    buf = np.frombuffer(data, dtype=np.uint8)
+    offsets = np.array([offset for _, offset, _ in table], dtype=np.int64)
+    sizes = np.array([size for _, _, size in table], dtype=np.int64)
+    ends = offsets + -(-sizes // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # each member's padded data end
+    starts = offsets - tarfile.BLOCKSIZE  # header offsets
+    if starts[0] != 0 or not np.array_equal(starts[1:], ends[:-1]):
+        return "members are not back to back from offset 0"
+    if ends[-1] + tarfile.BLOCKSIZE > len(buf) or buf[ends[-1]: ends[-1] + tarfile.BLOCKSIZE].any():
+        return f"no end-of-archive block at byte {ends[-1]}"
+    headers = buf[starts[:, None] + np.arange(tarfile.BLOCKSIZE)]  # [n, 512] copies of the header blocks
+    names = [name.encode("utf-8") for name, _, _ in table]
+    if max(map(len, names)) > 100:  # tarfile would have written an extension record for it
+        return "a member name is longer than a ustar header holds"
+    # tarfile's writer: size as 11 octal digits + NUL, checksum as 6 octal digits + NUL + space, where the
+    # checksum is the sum of the header's bytes with its own 8-byte field counted as spaces.
+    checksums = headers[:, :148].sum(axis=1, dtype=np.int64) + headers[:, 156:].sum(axis=1, dtype=np.int64) + 256
+    expected = {
+        (0, 100): np.array(names, dtype="S100"),  # name, NUL-padded
+        (124, 136): np.array([b"%011o\0" % size for size in sizes.tolist()], dtype="S12"),
+        (148, 156): np.array([b"%06o\0 " % c for c in checksums.tolist()], dtype="S8"),
+        (156, 157): np.array([tarfile.REGTYPE] * n, dtype="S1"),
+        (345, 500): np.zeros(n, dtype="S155"),  # ustar prefix: empty, so the name is the whole path
+    }
+    for (lo, hi), want in expected.items():
+        bad = np.flatnonzero((headers[:, lo:hi] != want.view(np.uint8).reshape(n, hi - lo)).any(axis=1))
+        if len(bad):
+            i = int(bad[0])
+            return f"member {i} ({table[i][0]}) header bytes {lo}..{hi} differ from the table"
+    return None
 
 
 def iter_samples(f: BinaryIO, read_from: int = 0, index: dict | None = None,
-                 data: memoryview | None = None) -> Iterator[dict]:
+                 data: memoryview | None = None, members: list | None = None) -> Iterator[dict]:
     """Yield webdataset-style samples `{"__key__": key, suffix: bytes, ...}` of the tar in `f`, in order.
 
     Samples before index `read_from` come with `None` instead of their bytes (not read: a resume skips them).
@@ -61,12 +118,14 @@ def iter_samples(f: BinaryIO, read_from: int = 0, index: dict | None = None,
     after the first reads as the archive's end, as it does in tarfile's stream mode. `index` (a dict owned by
     the caller, e.g. one per reader): member tables of files fully scanned before, keyed by file identity, so
     later epochs skip tarfile's header parsing (~40% of reading a shard of 262 KB members). `data`: the file's
-    bytes already mapped (`map_whole`): members are then views of it, not read again.
+    bytes already mapped (`map_whole`): members are then views of it, not read again. `members`: the member
+    table, known from elsewhere and checked against these bytes (`check_members`): no header is parsed.
     """
-    st = os.fstat(f.fileno())
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file gets a new key
-    members = index.get(key) if index is not None else None
     table: list | None = None
+    if members is None and index is not None:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file gets a new key
+        members = index.get(key)
     if members is None:
         table = [] if index is not None else None
         members = _scan(f, table)

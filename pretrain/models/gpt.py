@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from data_pipeline.batches import causal_mask, gpt_batch
 from pretrain.config import Config, ModelConfig, ParallelConfig
 from pretrain.models import BatchFn, ModelSpec, register
+from pretrain.models.attention import SDPAttention
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -86,7 +87,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
 def layer_spec(config: TransformerConfig, vp_stage: int | None):
     """Transformer Engine's fused layer spec on CUDA when installed, else megatron-core's local (pure torch) one
-    with our LayerNorm (for the block's final norm too)."""
+    with our LayerNorm (for the block's final norm too) and SDPA core attention (pretrain/models/attention.py)."""
     if torch.cuda.is_available():
         try:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -96,6 +97,7 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None):
             pass
     spec = get_gpt_layer_local_spec()
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LayerNorm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention  # fused, not separate ops
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LayerNorm)
 
@@ -120,8 +122,9 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
 
 @functools.lru_cache(maxsize=8)
 def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
-    # [1, 1, s, s], True where attention is NOT allowed (megatron-core's convention). Passing it explicitly keeps
-    # megatron-core from building its default mask with a hard-coded CUDA device. Cached: one per length/device.
+    # [1, 1, s, s], True where attention is NOT allowed (megatron-core's convention), for callers that pass an
+    # explicit causal mask (generation's prefill, fine-tuning, reference tests); training passes None (batch_fn).
+    # Cached: one per length/device.
     return torch.from_numpy(causal_mask(seq_length).copy()).to(device)  # copy: torch wants a writable array
 
 
@@ -137,7 +140,9 @@ def batch_fn(rows: np.ndarray, device: torch.device, eos_id: int | None = None,
     def to(name: str) -> torch.Tensor:
         return torch.from_numpy(arrays[name]).to(device, non_blocking=True)
 
-    mask = to("attention_mask") if reset_at_eos else _causal_mask(s, device)  # [b|1, 1, s, s]
+    # Plain packing needs no mask tensor: the layers' causal mask type makes SDPA (and TE) causal, which lets
+    # them pick their flash kernels; per-document masks are [b, 1, s, s].
+    mask = to("attention_mask") if reset_at_eos else None
     return {
         "inputs": {"input_ids": to("tokens"), "position_ids": to("position_ids"), "attention_mask": mask,
                    "labels": to("labels")},

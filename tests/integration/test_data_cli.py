@@ -27,7 +27,7 @@ def _corrupt_copy(src, dst):
     shutil.copytree(src, dst)
     shard = sorted(dst.glob("*.tar"))[1]
     data = bytearray(shard.read_bytes())
-    data[2000:2010] = b"\xff" * 10  # same size, different bytes: only the sha256 check can notice
+    data[2000:2010] = b"\xff" * 10  # same size, different bytes: only the checksum (xxh3_128) can notice
     shard.write_bytes(bytes(data))
     return shard
 

@@ -66,7 +66,9 @@ def test_gpt_default_equals_model_batch_fn(data):
     theirs = batch_fn(rows, torch.device("cpu"))
     inputs = theirs["inputs"]
     pairs = {"tokens": inputs["input_ids"], "labels": inputs["labels"], "position_ids": inputs["position_ids"],
-             "attention_mask": inputs["attention_mask"], "loss_mask": theirs["loss_mask"]}
+             "loss_mask": theirs["loss_mask"]}
+    # Plain packing hands the model no mask tensor: its layers are causal by mask type (pretrain/models/attention.py).
+    assert inputs["attention_mask"] is None
     for key, expected in pairs.items():
         got = torch.from_numpy(np.ascontiguousarray(ours[key]))
         assert got.dtype == expected.dtype and got.shape == expected.shape, key

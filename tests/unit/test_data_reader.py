@@ -142,10 +142,10 @@ def test_brace_pattern_and_pipe_urls_read_the_same_rows(tiny, shards):
         reader({"manifest": str(d), "shards": f"{d}/shard-{{000001..{n:06d}}}.tar"})
     with pytest.raises(DataError, match="needs shards="):
         reader({"manifest": f"pipe:cat {d}/manifest.json"})
-    # Non-local shards: sha256 checked while streaming; a failing command is an error too.
+    # Non-local shards: the checksum (xxh3_128) is checked while streaming; a failing command is an error too.
     damage_sha(shards, "shard-000001.tar")
     (shards / "shard-000002.tar").unlink()
-    for bad, name in ((1, "sha256"), (2, "truncated or corrupt")):
+    for bad, name in ((1, "xxh3_128"), (2, "truncated or corrupt")):
         urls = [f"pipe:cat {shards}/shard-{i:06d}.tar" for i in range(n)]
         r = reader({"manifest": str(shards), "shards": urls}, micro_batch_size=4, shuffle=False,
                    shuffle_window_blocks=5)
@@ -213,22 +213,45 @@ def test_local_fast_path_matches_webdataset_stream_and_still_verifies(tiny, shar
     from data_pipeline.stream import Verifier, read_shard, resolve_source
 
     n = len(tiny["manifest"]["shards"])
-    local = resolve_source(str(shards))
-    piped = resolve_source({"manifest": str(shards), "shards": [f"pipe:cat {shards}/shard-{i:06d}.tar"
-                                                                for i in range(n)]})
-    verifier = Verifier()
+    urls = [str(shards / f"shard-{i:06d}.tar") for i in range(n)]
+    local = resolve_source(str(shards))  # with the manifest's member tables
+    older = json.loads((shards / "manifest.json").read_text())
+    for info in older["shards"]:
+        del info["members"]  # as written before member tables: tarfile parses the headers
+    (shards / "older.json").write_text(json.dumps(older))
+    scanned = resolve_source({"manifest": str(shards / "older.json"), "shards": urls})
+    piped = resolve_source({"manifest": str(shards), "shards": [f"pipe:cat {u}" for u in urls]})
+    verifiers = {id(local): Verifier(), id(scanned): Verifier()}
     for shard in (0, 3, n - 1):  # n - 1: the short last shard
         for start in (0, 2):
             want = list(read_shard(piped, shard, start))
-            for _ in range(2):  # the 2nd read uses the member table remembered from the 1st
-                got = list(read_shard(local, shard, start, verifier=verifier))
-                assert [p for p, _ in got] == [p for p, _ in want] == list(range(start, len(want) + start))
-                assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))
-    assert len(verifier.tar_index) == 3
+            for src in (local, scanned):
+                for _ in range(2):  # the 2nd read uses the member table remembered from the 1st
+                    got = list(read_shard(src, shard, start, verifier=verifiers[id(src)]))
+                    assert [p for p, _ in got] == [p for p, _ in want] == list(range(start, len(want) + start))
+                    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert len(verifiers[id(scanned)].tar_index) == 3 and not verifiers[id(local)].tar_index  # tables: no scan
     # Local shards never go through webdataset's stream iterators; their checksum is still checked first.
     monkeypatch.setattr(wds_tar, "tar_file_expander", None)
     damage_sha(shards, "shard-000001.tar")
-    with pytest.raises(DataError, match="shard-000001.tar.*sha256"):
+    with pytest.raises(DataError, match="shard-000001.tar: xxh3_128 does not match"):
         next(read_shard(local, 1))
     assert stream_module.tario.iter_samples  # the fast path read shard 0 above without webdataset
     assert len(list(read_shard(local, 0))) == 5
+
+
+def test_rows_a_caller_holds_never_change_while_window_buffers_are_reused(tiny):
+    r = reader(tiny["shards"], micro_batch_size=2, global_batch_size=GB, seed=5, dtype="native")
+    it, held, copies = iter(r), [], []  # native dtype: micro-batches are views of the shuffle windows
+    for _ in range(600):  # 2.4 epochs of 494 rows, every micro-batch kept: no buffer may be reused under them
+        batch = next(it)
+        held.append(batch)
+        copies.append(batch.copy())
+    assert all(np.array_equal(h, c) for h, c in zip(held, copies))
+    assert len({id(h.base) for h in held}) > 4  # more windows than kept buffers: one-off arrays took over
+    del held, batch
+    kept = {id(b) for b in r._blocks[0].window_memory._buffers}
+    for _ in range(30):  # the rest of the window being read (a one-off array: all kept buffers were held)
+        next(it)
+    # Batches dropped at once: every window is built in a kept buffer (alive, so no other object has its id).
+    assert {id(next(it).base) for _ in range(600)} <= kept and len(kept) == 4

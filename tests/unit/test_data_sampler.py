@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataError
-from data_pipeline.sampler import (Exhausted, SourceCursor, SourcePlan, blend, check_batch_sizes, rank_slice)
+from data_pipeline.sampler import (Exhausted, SourceCursor, SourcePlan, WindowMemory, blend, check_batch_sizes,
+                                   rank_slice)
 
 SHARD_ROWS = [40, 40, 40, 37, 40, 14]  # blocks of 8: the 37- and 14-row shards end in a short block
 SPP = 8
@@ -140,3 +141,22 @@ def test_cursor_errors_when_everything_is_bad_and_stops_without_loop():
     once.read(np.ones(p.rows_per_epoch, dtype=bool))
     with pytest.raises(Exhausted):
         once.read(np.ones(1, dtype=bool))
+
+
+def test_window_memory_reuses_only_buffers_nothing_views():
+    mem = WindowMemory(keep=2)
+    a = mem.empty((4, 3), np.uint16)
+    a[:] = 1
+    held = a[1]  # a caller keeps one row of window a
+    del a
+    b = mem.empty((4, 3), np.uint16)
+    b[:] = 2
+    assert b.base is not held.base and (held == 1).all()  # a's buffer is still viewed: b got another
+    first, second = id(held.base), id(b.base)
+    del b
+    c = mem.empty((2, 3), np.uint16)  # b's buffer is free again: reused for a window that fits
+    assert id(c.base) == second
+    d = mem.empty((4, 3), np.int32)  # both kept buffers in use: a one-off array, not kept
+    assert d.base is None and len(mem._buffers) == 2 and (held == 1).all()
+    del held, c
+    assert id(mem.empty((4, 3), np.uint16).base) == first

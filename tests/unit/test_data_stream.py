@@ -109,7 +109,7 @@ def test_validation_pass_and_errors(tiny, tmp_path):
     assert "\n" not in str(e.value) and "manifest.json" in str(e.value)
     shards = shutil.copytree(tiny["shards"], tmp_path / "shards")
     damage_sha(shards, "shard-000000.tar")
-    with pytest.raises(DataError, match="sha256") as e:
+    with pytest.raises(DataError, match="xxh3_128 does not match") as e:
         next(iter(StreamReader(str(shards), batch_size=BATCH, tgt_len=TGT)))
     assert "\n" not in str(e.value) and "shard-000000.tar" in str(e.value)
     (shards / "shard-000003.tar").unlink()
@@ -175,7 +175,7 @@ def test_read_ahead_gives_the_same_rows_positions_and_skips(tiny, tmp_path, kw):
 
 def test_read_ahead_errors_are_the_same_one_line_data_error(tiny, tmp_path):
     shards = shutil.copytree(tiny["shards"], tmp_path / "shards")
-    damage_sha(shards, "shard-000002.tar")  # found by the thread's sha256 check
+    damage_sha(shards, "shard-000002.tar")  # found by the thread's checksum (xxh3_128)
     manifest = json.loads((shards / "manifest.json").read_text())
     for info in manifest["shards"]:
         del info["bytes"]  # no size check at open: the cut is found by the thread's read
@@ -192,7 +192,7 @@ def test_read_ahead_errors_are_the_same_one_line_data_error(tiny, tmp_path):
                 got.extend(itertools.islice(iter(r), 200))
             outcomes[read_ahead, verify] = (str(e.value), len(got), r.state_dict())
     assert outcomes[True, True] == outcomes[False, True] and outcomes[True, False] == outcomes[False, False]
-    assert "shard-000002.tar: sha256 does not match" in outcomes[True, True][0]
+    assert "shard-000002.tar: xxh3_128 does not match" in outcomes[True, True][0]
     assert "shard-000004.tar: truncated" in outcomes[True, False][0]
     assert all("\n" not in m for m, _, _ in outcomes.values()) and gone()
     # An unexpected exception in the thread is re-raised by the consumer, after the items before it.

@@ -96,7 +96,10 @@ def test_batch_fn_shapes_and_shift():
 
 def test_causal_mask_shape_and_values():
     s = 7
-    mask = gpt.batch_fn(np.zeros((2, s + 1), dtype=np.int64), torch.device("cpu"))["inputs"]["attention_mask"]
+    rows = np.zeros((2, s + 1), dtype=np.int64)
+    # Plain packing passes no mask: the layers are causal by mask type (SDPA's is_causal, TE's causal mask).
+    assert gpt.batch_fn(rows, torch.device("cpu"))["inputs"]["attention_mask"] is None
+    mask = gpt._causal_mask(s, torch.device("cpu"))  # the explicit mask generation and fine-tuning pass
     assert mask.shape == (1, 1, s, s) and mask.dtype == torch.bool
     for i in range(s):
         for j in range(s):
