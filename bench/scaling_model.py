@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pretrain.metrics.prometheus import peak_flops  # noqa: E402
 
 GPUS_PER_NODE = 8
 NVLINK_BYTES_S = 450e9 * 0.8  # per GPU per direction (900 GB/s is both directions), 80% achieved
 NIC_BYTES_S = 50e9 * 0.8  # one 400 Gb/s NDR NIC per GPU, 80% achieved
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+PEAK_FLOPS = peak_flops(0, "NVIDIA H100 80GB HBM3")  # H100 SXM dense bf16, from the MFU metric's table
 MATMUL_EFFICIENCY = 0.5
 GPU_MEMORY_GIB = 80.0  # plan.py keeps 10% of it in reserve
 BASE_CONFIG = REPO / "configs" / "gpt" / "1.3b.yaml"
@@ -192,7 +193,8 @@ def evaluate(layout: Layout) -> Layout | None:
         return None
     m, s, h, b, t, p, d = (cfg.model, cfg.model.seq_length, cfg.model.hidden_size, layout.micro_batch, layout.t,
                            layout.p, layout.d)
-    flops = flops_per_token(m, est.vocab_size) * est.tokens_per_step * (4 / 3 if layout.recompute == "full" else 1)
+    layout.model_flops = flops_per_token(m, est.vocab_size) * est.tokens_per_step
+    flops = layout.model_flops * (4 / 3 if layout.recompute == "full" else 1)  # full recompute: forward again
     compute = flops / (layout.gpus * PEAK_FLOPS * MATMUL_EFFICIENCY)
     mb = layout.micro_batches
     # The busiest stage: a middle one (sends both ways) when p > 2, else an end stage with the embedding or head.
@@ -210,7 +212,6 @@ def evaluate(layout: Layout) -> Layout | None:
     layout.seconds = {"compute": compute, "bubble": compute * (p - 1) / mb,
                       "tp": tp.sent() / link_bytes_s(1, t), "pp": pp.sent() / link_bytes_s(t * d, p),
                       "dp": exposed_dp}
-    layout.model_flops = flops_per_token(m, est.vocab_size) * est.tokens_per_step
     return layout
 
 

@@ -23,7 +23,6 @@ a CPU diagnostic and is left out there (its [b, n, s, s] scores at s = 2048 woul
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -158,7 +157,6 @@ def compare(shape: str, data: dict, rounds: int, steps: int, out: pathlib.Path) 
         for name in median:
             result[f"{name}_tflops"] = result[f"{name}_tok_s"] * per_token / 1e12
             result[f"{name}_mfu"] = result[f"{name}_tok_s"] * per_token / peak if peak else float("nan")
-    del trainer
     return result
 
 
@@ -167,43 +165,38 @@ def bare_megatron_step(cfg, vocab: int, batches: list[torch.Tensor]):
     AdamW, clipping) without DeepSpeed or our Trainer; between ours and plain, it splits a gap into model and
     engine/trainer."""
     from pretrain.models import gpt
-    from pretrain.optim import param_groups
 
     torch.manual_seed(0)
     model = gpt.build(cfg.model, cfg.parallel, torch.float32, vocab)
-    o = cfg.optim
-    optim = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     inputs = [gpt.batch_fn(b.numpy(), b.device) for b in batches]
-    calls = [0]
-
-    def step():
-        batch = inputs[calls[0] % len(inputs)]
-        calls[0] += 1
-        gpt.loss_fn(model(**batch["inputs"]), batch).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-
-    return step
+    return optimizer_loop(model, cfg.optim, inputs, lambda batch: gpt.loss_fn(model(**batch["inputs"]), batch))
 
 
 def plain_step(model: PlainGPT, batches: list[torch.Tensor], cfg):
     """One baseline optimizer step per call, cycling through ``batches``."""
-    from pretrain.optim import param_groups
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=batches[0].is_cuda)  # bf16 compute, fp32 weights
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(batch[:, :-1], batch[:, 1:])
 
     torch.manual_seed(0)
+    return optimizer_loop(model, cfg, batches, loss_of)
+
+
+def optimizer_loop(model: torch.nn.Module, cfg, batches: list, loss_of):
+    """The baseline's training step: one call = loss_of(next batch, cycling through ``batches``), backward,
+    clipping at ``cfg.clip_grad`` and a torch AdamW step with our decay groups (``cfg``: the optim section)."""
+    from pretrain.optim import param_groups
+
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                               eps=cfg.eps)
     calls = [0]
 
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=batches[0].is_cuda)  # bf16 compute, fp32 weights
-
     def step():
         batch = batches[calls[0] % len(batches)]
         calls[0] += 1
-        with autocast:
-            loss = model(batch[:, :-1], batch[:, 1:])
-        loss.backward()
+        loss_of(batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optim.step()
         optim.zero_grad(set_to_none=True)

@@ -41,14 +41,16 @@ _KEEP_MAPPED_BYTES = 16 << 30
 _KEEP_MAPPED_SHARDS = 128
 
 
-def shard_digests(path: str | os.PathLike, chunk: int = 1 << 22) -> dict[str, str]:
-    """{"sha256": hex, "xxh3_128": hex} of a file, computed in one read (4 MiB chunks: both release the GIL)."""
-    hashers = {name: make() for name, make in HASHERS.items()}
+def file_digests(path: str | os.PathLike, algorithms: tuple[str, ...] = tuple(HASHERS),
+                 chunk: int = 1 << 22) -> dict[str, str]:
+    """{algorithm: hex digest} of a file for each of ``algorithms`` (default: every one a manifest records),
+    computed in one read (4 MiB chunks: the hashers release the GIL)."""
+    hashers = {name: HASHERS[name]() for name in algorithms}
     with open(path, "rb") as f:
         while block := f.read(chunk):
             for h in hashers.values():
                 h.update(block)
-    return {"sha256": hashers["sha256"].hexdigest(), FAST_CHECKSUM: hashers[FAST_CHECKSUM].hexdigest()}
+    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
 def manifest_checksum(info: dict) -> tuple[str, str] | None:
@@ -65,15 +67,6 @@ def digest(algorithm: str, data) -> str:
     if algorithm == FAST_CHECKSUM:
         return xxhash.xxh3_128_hexdigest(data)  # one-shot: no state object, GIL released above 64 KiB
     return hashlib.sha256(data).hexdigest()
-
-
-def file_digest(algorithm: str, path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex digest of a file's bytes, read in chunks."""
-    h = HASHERS[algorithm]()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def packed_stride(manifest: dict, itemsize: int) -> int:
@@ -117,12 +110,6 @@ def packed_members_entry(path: str | os.PathLike, manifest: dict, info: dict, fi
     return entry
 
 
-def file_identity(f) -> tuple:
-    """(device, inode, size, mtime) of an open file: a rewritten or replaced file gets a new identity."""
-    st = os.fstat(f.fileno())
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class Verifier:
     """What one reader learns about its local shard files, per file identity (a replaced file is checked
     afresh): checksums (verified once before first use, from the mapped bytes the reader then uses: one pass
@@ -144,7 +131,7 @@ class Verifier:
     def mapped(self, f) -> memoryview | None:
         """`f` mapped whole (`tario.map_whole`), reusing this reader's mapping of the same file identity: a
         rewritten file (new inode, size or mtime) is mapped afresh."""
-        key = file_identity(f)
+        key = tario.file_identity(f)
         data = self._maps.get(key)
         if data is None:
             data = tario.map_whole(f)
@@ -155,9 +142,9 @@ class Verifier:
 
     def ok(self, f, algorithm: str, expected: str, data=None) -> bool:
         """Whether the open file `f` (its bytes as mapped, if given: no second read) hashes to `expected`."""
-        key = file_identity(f)
+        key = tario.file_identity(f)
         if key not in self._done:
-            got = digest(algorithm, data) if data is not None else file_digest(algorithm, f.name)
+            got = digest(algorithm, data) if data is not None else file_digests(f.name, (algorithm,))[algorithm]
             self._done[key] = got == expected
         return self._done[key]
 
@@ -168,7 +155,7 @@ class Verifier:
         table in the manifest, or (unverified bytes) one the headers contradict, so tarfile reads them and
         reports what is wrong as before. With the checksum `verified`, the bytes are those the table was
         checked on when written: a contradiction means a wrong manifest, a DataError naming the shard."""
-        key = file_identity(f)
+        key = tario.file_identity(f)
         if key not in self._tables:
             table = member_table(manifest, info, ext, itemsize)
             problem = tario.check_members(data, table) if table is not None else None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
-from data_pipeline.integrity import packed_members_entry, shard_digests
+from data_pipeline.integrity import FAST_CHECKSUM, file_digests, packed_members_entry
 from data_pipeline.tokenizer import Tokenizer, encode_documents, init_encode_worker
 
 FORMAT_VERSION = 1
@@ -60,15 +59,6 @@ def default_workers() -> int:
     except AttributeError:  # macOS
         cpus = os.cpu_count() or 1
     return min(4, cpus)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_positive(**values: int) -> None:
@@ -186,7 +176,8 @@ def prepare_shards(
     shards = []
     for name, (seqs, blocks) in stats.items():
         # sha256 (provenance) and xxh3_128 (what readers verify, ~15x faster): integrity.py.
-        shards.append({"name": name, "sequences": seqs, "blocks": blocks, **shard_digests(out / name),
+        digests = file_digests(out / name, ("sha256", FAST_CHECKSUM))
+        shards.append({"name": name, "sequences": seqs, "blocks": blocks, **digests,
                        "bytes": (out / name).stat().st_size})
     num_sequences = sum(s["sequences"] for s in shards)
     manifest: dict[str, Any] = {

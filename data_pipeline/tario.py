@@ -65,6 +65,12 @@ def map_whole(f: BinaryIO) -> memoryview | None:
     return memoryview(mapped)
 
 
+def file_identity(f: BinaryIO) -> tuple:
+    """(device, inode, size, mtime) of an open file: a rewritten or replaced file gets a new identity."""
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def check_members(data: memoryview, table: list[tuple[str, int, int]]) -> str | None:
     """None if tarfile would read exactly `table` ((name, data offset, size) per member) from the tar bytes
     `data`, for tars as `tarfile` writes them (ustar headers, no PAX/GNU extension records); else what differs.
@@ -123,8 +129,7 @@ def iter_samples(f: BinaryIO, read_from: int = 0, index: dict | None = None,
     """
     table: list | None = None
     if members is None and index is not None:
-        st = os.fstat(f.fileno())
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file gets a new key
+        key = file_identity(f)
         members = index.get(key)
     if members is None:
         table = [] if index is not None else None

@@ -127,11 +127,9 @@ class SequenceClassifier(torch.nn.Module):
         """input_ids [b, s] right-padded, lengths [b] real tokens per row -> class logits [b, C]."""
         b, s = input_ids.shape
         if self.family == "gpt":
-            from pretrain.models.gpt import _causal_mask
-
             positions = torch.arange(s, device=input_ids.device)[None]  # [1, s]
-            hidden = self.backbone(input_ids=input_ids, position_ids=positions,
-                                   attention_mask=_causal_mask(s, input_ids.device))  # [s, b, h]
+            # No mask tensor: the layers are causal by their mask type (pretrain/models/attention.py).
+            hidden = self.backbone(input_ids=input_ids, position_ids=positions, attention_mask=None)  # [s, b, h]
             pooled = hidden[lengths - 1, torch.arange(b, device=input_ids.device)]  # last real token, [b, h]
         else:
             real = (torch.arange(s, device=input_ids.device)[None] < lengths[:, None]).long()  # [b, s], 1 = real

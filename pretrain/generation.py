@@ -11,7 +11,6 @@ from typing import TextIO
 
 import torch
 
-from pretrain import models
 from pretrain.checkpoint import CheckpointError
 
 
@@ -53,8 +52,9 @@ class GPTDecoder:
         ids = ids[-self.seq_length:]
         self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=self.seq_length)
         s = len(ids)
+        # No mask tensor: a fresh cache keeps the layers' causal mask type, so the prompt attends causally.
         logits = self._forward(torch.tensor([ids], device=self.device),
-                               torch.arange(s, device=self.device)[None], models.gpt._causal_mask(s, self.device))
+                               torch.arange(s, device=self.device)[None], None)
         self.context.sequence_len_offset = s
         self.context.enable_decode_mode()
         self.history = list(ids)

@@ -148,11 +148,11 @@ def free_port() -> int:
 
 
 def _sha256(path: str) -> str:
-    from data_pipeline.shards import file_sha256
+    from data_pipeline.integrity import file_digests
 
     if not Path(path).is_file():
         raise ConfigError(f"data.tokenizer: file not found: {path}")
-    return file_sha256(path)
+    return file_digests(path, ("sha256",))["sha256"]
 
 
 def _check_data_matches_model(cfg: Config, data) -> None:

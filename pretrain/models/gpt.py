@@ -13,7 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from data_pipeline.batches import causal_mask, gpt_batch
+from data_pipeline.batches import gpt_batch
 from pretrain.config import Config, ModelConfig, ParallelConfig
 from pretrain.models import BatchFn, ModelSpec, register
 from pretrain.models.attention import SDPAttention
@@ -118,14 +118,6 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
         position_embedding_type=cfg.position_embedding,
         vp_stage=vp_stage,
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
-    # [1, 1, s, s], True where attention is NOT allowed (megatron-core's convention), for callers that pass an
-    # explicit causal mask (generation's prefill, fine-tuning, reference tests); training passes None (batch_fn).
-    # Cached: one per length/device.
-    return torch.from_numpy(causal_mask(seq_length).copy()).to(device)  # copy: torch wants a writable array
 
 
 def batch_fn(rows: np.ndarray, device: torch.device, eos_id: int | None = None,

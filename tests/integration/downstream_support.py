@@ -56,7 +56,7 @@ def our_vs_hf(checkpoint: Path, export_dir: Path, corpus_jsonl: Path) -> dict:
     import transformers
 
     from pretrain.inference import load_model, tokenizer_for
-    from pretrain.models.gpt import _causal_mask
+    from data_pipeline.batches import causal_mask
 
     loaded = load_model(checkpoint)
     tokenizer = tokenizer_for(loaded)
@@ -70,7 +70,7 @@ def our_vs_hf(checkpoint: Path, export_dir: Path, corpus_jsonl: Path) -> dict:
         tokens = torch.tensor([ids[:s], ids[s:2 * s]])  # [2, s], two windows of a held-out play
         with torch.no_grad():
             ours = loaded.model(input_ids=tokens, position_ids=torch.arange(s)[None],
-                                attention_mask=_causal_mask(s, torch.device("cpu")))[..., :vocab]  # [2, s, V]
+                                attention_mask=torch.from_numpy(causal_mask(s).copy()))[..., :vocab]  # [2, s, V]
             theirs = hf(tokens).logits  # [2, s, V]
         result["logits_rel_err"] = ((ours - theirs).abs().max() / ours.abs().max()).item()
         result["lm_head_tied"] = hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()

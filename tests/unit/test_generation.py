@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_pipeline.batches import causal_mask
 from pretrain import models
 from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.generation import GPTDecoder, sample_next
@@ -26,7 +27,7 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
     """Next-token logits [V] after ``ids``, recomputing the whole context."""
     s = len(ids)
     out = model(input_ids=torch.tensor([ids]), position_ids=torch.arange(s)[None],
-                attention_mask=models.gpt._causal_mask(s, torch.device("cpu")))
+                attention_mask=torch.from_numpy(causal_mask(s).copy()))  # explicit: independent of mask types
     return out[0, -1]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.batches import causal_mask
 from pretrain import models
 from pretrain.config import ConfigError, ModelConfig, ParallelConfig
 from pretrain.models import gpt
@@ -99,7 +100,7 @@ def test_causal_mask_shape_and_values():
     rows = np.zeros((2, s + 1), dtype=np.int64)
     # Plain packing passes no mask: the layers are causal by mask type (SDPA's is_causal, TE's causal mask).
     assert gpt.batch_fn(rows, torch.device("cpu"))["inputs"]["attention_mask"] is None
-    mask = gpt._causal_mask(s, torch.device("cpu"))  # the explicit mask generation and fine-tuning pass
+    mask = torch.from_numpy(causal_mask(s).copy())  # the explicit mask of per-document batches and references
     assert mask.shape == (1, 1, s, s) and mask.dtype == torch.bool
     for i in range(s):
         for j in range(s):
