@@ -2,6 +2,7 @@
 
     python bench/train_step.py [--shapes tiny,small] [--rounds 5] [--steps 5]       # CPU (default without CUDA)
     python bench/train_step.py [--shapes 125m,350m,1.3b] [--rounds 3] [--steps 5]  # one GPU (default with CUDA)
+    python bench/train_step.py ... --json results.json [--peak-tflops 989]  # figures as JSON (scripts/gpu_check.sh)
 
 Ours: the real `pretrain train` components in this process (one rank, gloo): megatron-core GPTModel with the local
 layer spec, DeepSpeed ZeRO-0 engine with torch AdamW, our Trainer.train_step (LR schedule, NaN guard, watchdog
@@ -18,11 +19,15 @@ optimizer with fp32 master weights; baseline: fp32 weights under bf16 autocast),
 `pretrain.models.gpt.flops_per_token` (Megatron's formula, attention scores included, not halved for causality)
 against the device's dense bf16 peak (`pretrain.metrics.prometheus.PEAK_FLOPS`). The unfused-attention baseline is
 a CPU diagnostic and is left out there (its [b, n, s, s] scores at s = 2048 would dominate memory).
+
+``--json`` writes every figure (tokens/s, model TFLOP/s, MFU per side) for scripts/gpu_check.sh to check;
+``--peak-tflops`` overrides the device's peak (as metrics.peak_tflops does), which also gives MFU on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -37,6 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bundled_data import build_data  # noqa: E402
 
 SHAPES = {  # name: (layers, hidden, heads, micro batch); CPU: seq 128, vocab 2048 (the bench data)
+    "nano": (2, 64, 2, 8),  # scripts/gpu_check.sh --cpu-dry-run: the bench's whole path in seconds
     "tiny": (4, 192, 4, 16),
     "small": (8, 512, 8, 8),
     # GPU (GPT-3 paper shapes; 1.3B with 16 heads of 128 as Megatron-LM): seq 2048, vocab 50257
@@ -117,7 +123,7 @@ def timed(step, n: int) -> list[float]:
     return times
 
 
-def compare(shape: str, data: dict, rounds: int, steps: int, out: pathlib.Path) -> dict:
+def compare(shape: str, data: dict, rounds: int, steps: int, out: pathlib.Path, peak_tflops: float = 0) -> dict:
     cuda = torch.cuda.is_available()
     trainer = build_ours(shape, data, out / f"run-{shape}", cuda)
     rows = iter(trainer.train_data)
@@ -149,14 +155,17 @@ def compare(shape: str, data: dict, rounds: int, steps: int, out: pathlib.Path) 
     if "plain_unfused" in median:
         result["ratio_unfused"] = median["ours"] / median["plain_unfused"]
         result["ratio_bare"] = median["mcore_bare"] / median["plain"]
-    if cuda:  # model FLOP/s of both sides by one formula (the same model), and MFU against the device's peak
-        from pretrain.metrics.prometheus import peak_flops
-        from pretrain.models.gpt import flops_per_token
+    # Model FLOP/s of every side by one formula (the same model), and MFU against the device's peak (NaN where
+    # none is known: CPUs, unless --peak-tflops gives one).
+    from pretrain.metrics.prometheus import peak_flops
+    from pretrain.models.gpt import flops_per_token
 
-        per_token, peak = flops_per_token(trainer.cfg.model, vocab), peak_flops(0, torch.cuda.get_device_name())
-        for name in median:
-            result[f"{name}_tflops"] = result[f"{name}_tok_s"] * per_token / 1e12
-            result[f"{name}_mfu"] = result[f"{name}_tok_s"] * per_token / peak if peak else float("nan")
+    per_token = flops_per_token(trainer.cfg.model, vocab)
+    peak = peak_flops(peak_tflops, torch.cuda.get_device_name() if cuda else None)
+    result["peak_tflops"] = peak / 1e12 if peak else float("nan")
+    for name in median:
+        result[f"{name}_tflops"] = result[f"{name}_tok_s"] * per_token / 1e12
+        result[f"{name}_mfu"] = result[f"{name}_tok_s"] * per_token / peak if peak else float("nan")
     return result
 
 
@@ -210,6 +219,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dir", default="/tmp/pretrain-bench-train-step")
+    parser.add_argument("--json", help="also write the figures to this file (JSON)")
+    parser.add_argument("--peak-tflops", type=float, default=0,
+                        help="peak FLOP/s for MFU (default: the device's dense bf16 peak; none on CPU)")
     args = parser.parse_args()
     out = pathlib.Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +235,7 @@ def main() -> None:
     results = []
     try:
         for shape in args.shapes.split(","):
-            results.append(compare(shape, data, args.rounds, args.steps, out))
+            results.append(compare(shape, data, args.rounds, args.steps, out, args.peak_tflops))
             from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
@@ -231,6 +243,11 @@ def main() -> None:
                 torch.cuda.empty_cache()  # the next shape's models get the memory back
     finally:
         shutdown()
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "dtype": "bf16" if cuda else "fp32", "rounds": args.rounds, "steps": args.steps,
+            "results": {shape: r for shape, r in zip(args.shapes.split(","), results)}}, indent=2) + "\n")
     if cuda:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16; median of {args.rounds} x "
               f"{args.steps} alternating steps per side")

@@ -1,15 +1,43 @@
-"""``pretrain launch local``: the torchrun command line for one node (standalone) or one node of many (c10d).
+"""``pretrain launch local``: torchrun for one node (standalone) or one node of many (c10d), run in this process.
 
 torchrun, not a launcher of our own: it already restarts failed workers (``--max-restarts``), joins elastic
 rendezvous and exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, which ``pretrain train`` reads.
+
+Exit code. torchrun as a program exits 1 whenever any worker failed, so a job's 75 ("checkpointed on a signal,
+requeue me", pretrain.ft.REQUEUE_EXIT_CODE) and 86 (hang watchdog, ft.HANG_EXIT_CODE) would both read as a crash.
+We therefore run torchrun's own entry (``torch.distributed.run.parse_args`` + ``run``) inside this process and
+read its accounting of this node's workers: on failure its elastic agent raises ``ChildFailedError`` whose
+``failures`` hold every failed worker's real exit code (workers not listed exited 0). That is the agent's
+bookkeeping, the same per node under ``--standalone`` and a multi-node c10d rendezvous, and needs neither log
+parsing nor error files (``@record`` writes those only for exceptions, not for ``sys.exit(75)``).
+:func:`node_exit_code` turns the codes into ours: 86 if any worker hung, 75 only if every worker exited 75, else
+the root-cause worker's code (a signal N as 128 + N, as shells and srun report it).
+
+Signals. The agent starts each worker in a session of its own, so a SIGTERM or SIGUSR1 for the job reaches only
+this process. torchrun's own SIGTERM handling would pass it on and SIGKILL any worker still busy after its
+shutdown timeout (30 s: a large checkpoint takes longer) and would lose the workers' exit codes; SIGUSR1 (Slurm's
+``--signal``) would simply kill this process and orphan the workers. So SIGTERM and SIGUSR1 are ours
+(:class:`StopForwarder`): passed on to each training process, which saves at the next step boundary and exits 75;
+we wait for all of them, keep their codes, then let the agent shut down as after any signal (no restart).
+SIGINT/SIGHUP/SIGQUIT stay torchrun's (abort).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import subprocess
+import signal
 import sys
+
+from pretrain.ft import HANG_EXIT_CODE, REQUEUE_EXIT_CODE
+
+logger = logging.getLogger(__name__)
+
+#: Signals that ask the training processes to checkpoint and stop (pretrain.ft.StopSignal); the launcher forwards
+#: them itself. torchrun keeps the rest of its default set (SIGTERM,SIGINT,SIGHUP,SIGQUIT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +79,124 @@ def _valid_endpoint(text: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
-def torchrun_argv(launch: LocalLaunch, pretrain_args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run ... -m pretrain <pretrain_args>`` for this node."""
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.nproc}",
-            f"--max-restarts={launch.max_restarts}"]
+def torchrun_args(launch: LocalLaunch, pretrain_args: list[str]) -> list[str]:
+    """torchrun's own arguments for this node: ``--nproc-per-node=... -m pretrain <pretrain_args>``."""
+    args = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}",
+            f"--signals-to-handle={TORCHRUN_SIGNALS}"]  # SIGTERM/SIGUSR1: StopForwarder
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
-        argv.append("--standalone")
+        args.append("--standalone")
     else:
-        argv += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        args += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
                  f"--rdzv-id={launch.rdzv_id}"]
         if launch.node_rank is not None:
-            argv.append(f"--node-rank={launch.node_rank}")
-    return argv + ["-m", "pretrain", *pretrain_args]
+            args.append(f"--node-rank={launch.node_rank}")
+    return args + ["-m", "pretrain", *pretrain_args]
+
+
+def torchrun_argv(launch: LocalLaunch, pretrain_args: list[str]) -> list[str]:
+    """The same as a command line: ``python -m torch.distributed.run ... -m pretrain <pretrain_args>``."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(launch, pretrain_args)]
+
+
+def node_exit_code(codes: list[int], nproc: int) -> int:
+    """One exit code for this node from its workers' codes (root cause first; workers not listed exited 0).
+
+    86 (a hang) if any worker's watchdog fired: the job is stuck, whatever its peers then did; 75 only if every
+    worker saved and asked for a requeue; 0 if all finished; else the first failure that is neither, with death by
+    signal N as 128 + N; 1 for a mix of 75 and 0, which no consistent run produces.
+    """
+    codes = list(codes) + [0] * (nproc - len(codes))
+    if HANG_EXIT_CODE in codes:
+        return HANG_EXIT_CODE
+    if all(c == REQUEUE_EXIT_CODE for c in codes):
+        return REQUEUE_EXIT_CODE
+    for code in codes:
+        if code not in (0, REQUEUE_EXIT_CODE):
+            return 128 - code if code < 0 else code
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+class StopForwarder:
+    """SIGTERM/SIGUSR1 handler of the launcher: forward the signal to every training process (the process only,
+    not its session: its data-loader workers must not die before it has saved), wait until all have exited, keep
+    their exit codes in ``codes`` and raise torch's ``SignalException`` so the elastic agent stops without
+    restarting (the workers are gone by then, so its SIGKILL after a timeout has nothing left to hit).
+
+    A repeated signal while waiting is forwarded too (the workers record it; one save still happens) and the first
+    handler keeps waiting. The wait has no bound of its own: a worker stuck in its save is ended by its own hang
+    watchdog (ft.save_timeout_s), and a scheduler's kill after its grace period ends everything anyway.
+    """
+
+    def __init__(self):
+        #: Exit codes of the training processes, in the order they exited; None until a signal came.
+        self.codes: list[int] | None = None
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        import psutil
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        workers = _training_processes()
+        for proc in workers:
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:  # exited meanwhile; its code is collected below
+                pass
+        if self.signum is not None:
+            return  # the first handler (further up this stack) is still waiting for them
+        self.signum = signum
+        name = signal.Signals(signum).name
+        logger.warning("launch: got %s; passed it to %d training processes, waiting for them to save and exit",
+                       name, len(workers))
+        # wait_procs reaps our own children and reports their exit codes (negative: killed by that signal).
+        gone, _ = psutil.wait_procs(workers)  # in the order they exited
+        self.codes = [p.returncode if p.returncode is not None else 1 for p in gone]
+        raise SignalException(f"launcher got {name}", sigval=signal.Signals(signum))
+
+
+def _training_processes():
+    """This process's children that run ``pretrain`` (the agent's workers; the elastic agent runs in-process)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=False):
+        try:
+            if "pretrain" in child.cmdline():
+                found.append(child)
+        except psutil.ZombieProcess:  # exited, not yet reaped: a worker that just finished; its code counts
+            found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
-    """Run torchrun in the foreground; its exit code is ours (75: checkpointed on a signal, rerun to resume)."""
-    argv = torchrun_argv(launch, pretrain_args)
-    print("launch:", " ".join(argv[1:]), flush=True)
-    return subprocess.call(argv, env=dict(os.environ))
+    """Run torchrun in this process until this node's workers are done; returns :func:`node_exit_code` of their
+    exit codes (75: every worker checkpointed on a signal, rerun to resume; 86: a hang)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun_args(launch, pretrain_args)
+    print("launch: torchrun", " ".join(args), flush=True)
+    forwarder = StopForwarder()
+    previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
+    try:
+        torchrun.run(torchrun.parse_args(args))
+        return 0
+    except ChildFailedError as e:
+        # Root cause first, as torchrun reports it; the summary table names each failed rank and its exit code.
+        failures = sorted(e.failures.values(), key=lambda f: f.timestamp)
+        code = node_exit_code([f.exitcode for f in failures], launch.nproc)
+        logger.error("launch: exit code %d from the workers' exit codes\n%s", code, e.format_msg())
+        return code
+    except SignalException as e:
+        if not forwarder.codes:  # SIGINT/SIGHUP/SIGQUIT (torchrun's), or a stop before any worker existed
+            return 128 + int(e.sigval)
+        code = node_exit_code(forwarder.codes, len(forwarder.codes))  # each process it waited for reported
+        logger.warning("launch: training processes exited with %s after %s: exit code %d", forwarder.codes,
+                       signal.Signals(forwarder.signum).name, code)
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

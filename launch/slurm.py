@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
@@ -69,6 +70,13 @@ class SlurmJob:
     def __post_init__(self):
         from pretrain.config import ConfigError
 
+        for flag, value in (("--job-name", self.job_name), ("--partition", self.partition), ("--time", self.time),
+                            ("--output", self.output), ("--workdir", self.workdir),
+                            *(("--sbatch-option", option) for option in self.extra)):
+            check_script_text(flag, value)
+        for option in self.extra:
+            if not option.startswith("-"):
+                raise ConfigError(f"--sbatch-option: expected an sbatch option such as --account=abc, got {option!r}")
         if self.nodes < 1:
             raise ConfigError(f"--nodes: must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
@@ -81,6 +89,22 @@ class SlurmJob:
             raise ConfigError("--torchrun: not with --requeue (the requeue template runs one srun task per GPU)")
         if self.signal_seconds < 1:
             raise ConfigError(f"--signal-seconds: must be >= 1, got {self.signal_seconds}")
+
+
+def check_script_text(flag: str, value: str | None) -> None:
+    """Refuse a value with a control character (newline, carriage return, tab, escape, ...) or a Unicode line or
+    paragraph separator, naming ``flag``. The #SBATCH header takes values unquoted, so a newline in ``--job-name``
+    or ``--sbatch-option`` would start a line of its own in the script (another #SBATCH directive, or a shell
+    command run on the compute node). Quoted values (paths, overrides) are refused alike: none has a use for one,
+    and the error names the flag instead of the job failing later."""
+    from pretrain.config import ConfigError
+
+    if value is None:
+        return
+    bad = next((i for i, ch in enumerate(value) if unicodedata.category(ch) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ConfigError(f"{flag}: control character {value[bad]!r} at position {bad} in {value!r} (values are "
+                          "written into the sbatch script, where it would break or add lines)")
 
 
 def template_name(job: SlurmJob) -> str:
@@ -110,6 +134,9 @@ def sbatch_lines(job: SlurmJob) -> list[str]:
 
 def render(job: SlurmJob, train_args: list[str], python: str = sys.executable) -> str:
     """The sbatch script text for ``pretrain train <train_args>`` (config path + overrides)."""
+    for i, arg in enumerate(train_args):
+        check_script_text("config" if i == 0 else arg.split("=", 1)[0], arg)
+    check_script_text("python", python)
     text = (TEMPLATES / template_name(job)).read_text()
     values = {
         "@SBATCH@": "\n".join(sbatch_lines(job)),

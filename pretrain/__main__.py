@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
     # torch's own c10d wrappers deprecate the collectives DeepSpeed calls; nothing for a user to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from pretrain.log import setup_logging
+
+    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

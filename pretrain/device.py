@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,25 +29,53 @@ class DeviceInfo:
 
     device: torch.device
     backend: str  # "nccl" on CUDA, "gloo" on CPU
-    dtype: torch.dtype  # bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and DeepSpeed has no CPU fp16)
+    dtype: torch.dtype  # train.precision resolved by choose_dtype (auto: bf16 on GPUs that have it, else fp32)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
 
-def detect(local_rank: int = 0, precision: str = "auto") -> DeviceInfo:
-    """Pick device, backend and dtype for this process.
+def cuda_available() -> bool:
+    """Whether this process runs on CUDA. The rest of the code asks here (or takes a ``DeviceInfo``) instead of
+    calling ``torch.cuda.is_available()`` itself, so that the CPU/GPU decisions can be listed and tested."""
+    return torch.cuda.is_available()
 
-    ``precision`` is ``train.precision``: ``auto`` means bf16 on CUDA and fp32 on CPU; ``fp32``/``bf16`` force it.
+
+def choose_dtype(precision: str, on_cuda: bool, bf16_supported: bool, device_name: str = "") -> torch.dtype:
+    """The compute dtype for ``train.precision`` on this device.
+
+    ``auto``: bf16 on a GPU that has it (Ampere and newer), fp32 on one that does not (V100, T4: their bf16 is
+    emulated, many times slower, and DeepSpeed's fp16 path with loss scaling is not one this engine runs) and on
+    CPU (bf16 matmuls are slow there); the fallback is logged. ``bf16`` on a GPU without bf16 is refused with a
+    one-line ConfigError; ``fp32`` and ``bf16`` are otherwise taken as asked (CPU bf16 works: the test tier).
     """
-    if torch.cuda.is_available():
+    from pretrain.config import ConfigError
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision: expected auto, fp32 or bf16, got {precision!r}")
+    if on_cuda and not bf16_supported:
+        if precision == "bf16":
+            raise ConfigError(f"train.precision: bf16 requested, but {device_name or 'this GPU'} has no bf16 "
+                              "support; use fp32 (or auto)")
+        if precision == "auto":
+            logger.warning("train.precision=auto: %s has no bf16 support; training in fp32",
+                           device_name or "this GPU")
+            return torch.float32
+    if precision == "auto":
+        return torch.bfloat16 if on_cuda else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def detect(local_rank: int = 0, precision: str = "auto") -> DeviceInfo:
+    """Pick device, backend and dtype for this process (dtype: :func:`choose_dtype`)."""
+    if cuda_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
-        default = torch.bfloat16
+        dtype = choose_dtype(precision, True, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(device))
     else:
-        device, backend, default = torch.device("cpu"), "gloo", torch.float32
-    dtype = {"auto": default, "fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        device, backend = torch.device("cpu"), "gloo"
+        dtype = choose_dtype(precision, False, True)
     return DeviceInfo(device=device, backend=backend, dtype=dtype)
 
 

@@ -298,13 +298,22 @@ def _group_timeout(group) -> datetime.timedelta | None:
     return min(found) if found else None
 
 
-def tighten_collective_timeouts(seconds: float) -> int:
-    """Lower the collective timeout of every process group this rank belongs to (the default group, megatron-core's
-    and DeepSpeed's) to ``seconds``; never raises one. Returns how many groups changed.
+def startup_collective_timeout_s(step_timeout_s: float, startup_timeout_s: float = 0.0,
+                                 save_timeout_s: float = 0.0) -> float | None:
+    """Collective timeout from process start until the first step completes (ft.* timeouts in seconds): the
+    longest phase bound plus the time a default :class:`Watchdog` needs to report, so our watchdog (stacks, exit
+    86) always fires before a collective fails on its own. torch's defaults would not do: NCCL's is 10 min and,
+    with TORCH_NCCL_ASYNC_ERROR_HANDLING=1, kills ranks with SIGABRT (no stacks, no 86) long before a 30-min
+    step timeout. None when the watchdog is off (then torch's defaults stay)."""
+    if step_timeout_s <= 0:
+        return None
+    return max(step_timeout_s, startup_timeout_s, save_timeout_s) + min(10.0, step_timeout_s / 4) + 10.0
 
-    torch's defaults (30 min gloo, 10 min NCCL) must cover the first step's warm-up and a resume; after that a
-    collective stuck on a dead or hung peer should fail within the run's own bound (on NCCL its watchdog then
-    aborts the communicator). Uses torch's private ``_set_pg_timeout`` (torch 2.13); without it, nothing changes.
+
+def set_collective_timeouts(seconds: float, only_lower: bool = False) -> int:
+    """Set the collective timeout of every process group this rank belongs to (the default group, megatron-core's
+    and DeepSpeed's, whichever library created them) to ``seconds``; with ``only_lower`` never raise one. Returns
+    how many groups changed. Uses torch's private ``_set_pg_timeout`` (torch 2.13); without it, nothing changes.
     """
     from torch.distributed import distributed_c10d as c10d
 
@@ -315,10 +324,17 @@ def tighten_collective_timeouts(seconds: float) -> int:
     changed = 0
     for group in list(c10d._world.pg_map):
         current = _group_timeout(group)
-        if current is None or current > bound:
+        if current != bound and not (only_lower and current is not None and current <= bound):
             set_timeout(bound, group)
             changed += 1
     return changed
+
+
+def tighten_collective_timeouts(seconds: float) -> int:
+    """Lower every process group's collective timeout to ``seconds`` (never raise one): after the first step a
+    collective stuck on a dead or hung peer should fail within the run's own bound (on NCCL its watchdog then
+    aborts the communicator), not the startup bound that covered resume and warm-up."""
+    return set_collective_timeouts(seconds, only_lower=True)
 
 
 # -- NaN / spike guard --------------------------------------------------------------------------------------------

@@ -62,10 +62,12 @@ def load_model(path: str | Path) -> LoadedModel:
     layout = read_marker(path)["layout"]
     cfg = read_config(path)
     cfg.parallel = config_mod.ParallelConfig()  # inference runs unsharded in one process
+    cfg.model.layer_spec = "auto"  # saved names do not depend on the spec: take what this machine can run
     _init_single_process(cfg)
     info = device_layer.detect(0, cfg.train.precision)
     spec = models.get(cfg.model.family)
-    model = spec.build(cfg.model, cfg.parallel, info.dtype, _vocab_size(path, layout)).to(info.device)
+    model = spec.build(cfg.model, cfg.parallel, info.dtype, _vocab_size(path, layout),
+                       document_masks=cfg.data.reset_at_eos).to(info.device)
     target = model.state_dict()
     if layout["zero_stage"] == 3:
         state = _zero3_state_dict(path, layout)

@@ -7,6 +7,7 @@ export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pretrain import device as device_layer
+from pretrain import ft
 from pretrain import models
 from pretrain.config import Config, ConfigError, dump, to_yaml
 from pretrain.parallel import ParallelDims, init_process_groups
@@ -28,9 +30,12 @@ def main(cfg: Config) -> int:
     slurm_env.apply()  # a bare `srun pretrain train` task: SLURM_* → RANK/WORLD_SIZE/... (no-op otherwise)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_config(cfg, world_size)  # bad layouts fail here, before any process group exists
+    from pretrain.config.validation import validate_local  # missing paths, ports past 65535: one line, every rank
+
+    validate_local(cfg, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) + 1))
     device = device_layer.detect(int(os.environ.get("LOCAL_RANK", "0")), cfg.train.precision)
     device_layer.apply_cpu_shims()
-    init_distributed(device.backend)
+    init_distributed(device.backend, _startup_timeout_s(cfg))
     try:
         return build(cfg, dims, device).fit()
     finally:
@@ -58,7 +63,7 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     from pretrain.parallel.engine import TrainEngine, build_engine
     from pretrain.trainer import Trainer
 
-    init_process_groups(dims, cfg.run.seed)
+    init_process_groups(dims, cfg.run.seed, _startup_timeout_s(cfg))
     rank = dist.get_rank()
     run_dir = Path(cfg.run.dir)
     if rank == 0:
@@ -84,13 +89,16 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     vocab_size = models.padded_vocab_size(cfg.model.vocab_size or train_data.manifest["vocab_size"],
                                           cfg.model.make_vocab_size_divisible_by, dims.tensor)
     chunks = [c.to(device.device) for c in models.build_chunks(spec, cfg.model, cfg.parallel, device.dtype,
-                                                                 vocab_size)]
+                                                                 vocab_size, document_masks=cfg.data.reset_at_eos)]
     init_weights(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)  # same for every layout
     engine = TrainEngine(build_engine(chunks, cfg, dims, device.dtype), chunks, spec.loss_fn,
                          cfg.model.seq_length, cfg.train.micro_batch_size)
+    if (timeout_s := _startup_timeout_s(cfg)) is not None:  # also the groups DeepSpeed made with torch's default
+        ft.set_collective_timeouts(timeout_s)
 
     layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "virtual_pipeline": dims.virtual_pipeline,
               "data": dims.data, "zero_stage": cfg.parallel.zero_stage, "vocab_size": vocab_size,
+              "layer_spec": getattr(chunks[0], "layer_spec_name", "local"),
               "tokenizer_vocab_size": cfg.model.vocab_size or train_data.manifest["vocab_size"]}
     if rank == 0:
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
@@ -129,16 +137,22 @@ def shard_readers(cfg: Config, reader_args: dict):
     return train_data, valid_data
 
 
-def init_distributed(backend: str) -> None:
-    """The default process group: from the launcher's environment, or a one-process group of our own."""
+def init_distributed(backend: str, timeout_s: float | None = None) -> None:
+    """The default process group: from the launcher's environment, or a one-process group of our own.
+    ``timeout_s``: its collective timeout (None: torch's default for the backend)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
     import deepspeed  # after the device layer chose DeepSpeed's accelerator
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the existing group
+
+
+def _startup_timeout_s(cfg: Config) -> float | None:
+    return ft.startup_collective_timeout_s(cfg.ft.step_timeout_s, cfg.ft.startup_timeout_s, cfg.ft.save_timeout_s)
 
 
 def free_port() -> int:

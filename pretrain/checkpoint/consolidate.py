@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint.manager import CheckpointError
+from pretrain.models.layer_names import canonical_name
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 
@@ -44,7 +45,7 @@ def consolidated_state_dict(path: str | Path, layout: dict, target: dict[str, to
                 if key.endswith("_extra_state"):
                     continue
                 chunk, key = (int(key.split(".", 1)[0]), key.split(".", 1)[1]) if pp > 1 else (0, key)
-                name = global_layer_name(key, (chunk * pp + p) * per_chunk)
+                name = global_layer_name(canonical_name(key), (chunk * pp + p) * per_chunk)  # older TE saves
                 shards.setdefault(name, [None] * tp)[t] = value
     state = {}
     for name, like in target.items():

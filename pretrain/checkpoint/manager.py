@@ -40,8 +40,12 @@ from pretrain.ft import TestFaults
 MARKER = "COMMITTED"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-#: Layout keys that DeepSpeed's own loader needs unchanged; any other difference goes through resharding.
-RESHARD_KEYS = ("tensor", "pipeline", "virtual_pipeline", "data", "zero_stage")
+#: Layout keys that DeepSpeed's own loader needs unchanged, with their value in markers written before the key
+#: existed; any difference goes through resharding, which matches parameters by name. The layer spec is one:
+#: Transformer Engine's and the local layers save the same names (pretrain/models/layer_names.py) but may order
+#: parameters differently, and DeepSpeed matches optimizer state by position.
+RESHARD_KEYS = {"tensor": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 1, "zero_stage": 1,
+                "layer_spec": "local"}
 
 
 class CheckpointError(RuntimeError):
@@ -243,8 +247,7 @@ class CheckpointManager:
         """
         check_model_fits(path, model, marker["layout"], self.layout)
         saved = marker["layout"]
-        changed = [f"{k} {saved.get(k)}->{self.layout.get(k)}" for k in RESHARD_KEYS
-                   if saved.get(k, 1) != self.layout.get(k, 1)]
+        changed = layout_changes(saved, self.layout)
         if not changed:
             loaded, _ = engine.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                       load_lr_scheduler_states=False)
@@ -266,6 +269,13 @@ class CheckpointManager:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing train state for rank {rank}")
         return torch.load(file, weights_only=False)
+
+
+def layout_changes(saved: dict, layout: dict) -> list[str]:
+    """The RESHARD_KEYS in which a checkpoint's layout (``saved``, its marker's) differs from this run's
+    ``layout``, as "key old->new"; empty when DeepSpeed can load the checkpoint itself."""
+    return [f"{k} {saved.get(k, old)}->{layout.get(k, old)}" for k, old in RESHARD_KEYS.items()
+            if saved.get(k, old) != layout.get(k, old)]
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:

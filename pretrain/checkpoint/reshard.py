@@ -31,6 +31,7 @@ from megatron.core import parallel_state
 from pretrain.checkpoint.consolidate import global_layer_name, join_tp_shards, model_file
 from pretrain.checkpoint.manager import CheckpointError
 from pretrain.models.init import tp_shard, full_model_name
+from pretrain.models.layer_names import canonical_name
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -215,7 +216,7 @@ def _zero0_entries(model: dict, file: Path) -> dict[str, _Entry]:
     for i, (pid, name) in enumerate(zip(ids, ordered)):
         state = adamw["state"].get(pid, {})
         value = (lambda i=i: masters[i]) if masters else (lambda n=name: module[n].float())
-        entries[name] = _Entry(float(state["step"]) if "step" in state else None, lambda v=value, s=state: Saved(
+        entries[canonical_name(name)] = _Entry(float(state["step"]) if "step" in state else None, lambda v=value, s=state: Saved(
             v(), *(s[k] if k in s else None for k in _STATE_KEYS)))
     return entries
 
@@ -245,7 +246,7 @@ def _zero12_entries(param_shapes: list[dict], optim: list[dict]) -> dict[str, _E
         offset = 0
         for j, (name, shape) in enumerate(shapes.items()):
             numel = math.prod(shape)
-            entries[name] = _Entry(step, lambda f=flats, o=offset, n=numel, s=shape: Saved(
+            entries[canonical_name(name)] = _Entry(step, lambda f=flats, o=offset, n=numel, s=shape: Saved(
                 *(_slice(f[k], o, n).view(s) if k in f else None for k in ("value", *_STATE_KEYS))))
             offset += numel + (paddings[i][j] if paddings else 0)
     return entries
@@ -269,7 +270,7 @@ def _zero3_entries(param_shapes: list[dict], optim: list[dict]) -> dict[str, _En
     for name, shape in ((n, torch.Size(s)) for group in param_shapes for n, s in group.items()):
         piece, _ = zero3_partitioned_param_info(shape.numel(), dp)
         group = max(g for g in range(groups) if bounds[g] <= offset)
-        entries[name] = _Entry(steps[group], lambda o=offset, p=piece, s=shape: Saved(
+        entries[canonical_name(name)] = _Entry(steps[group], lambda o=offset, p=piece, s=shape: Saved(
             *(GatheredTensor(flats[k], bounds, o, p, s).contiguous() if k in flats else None
               for k in ("value", *_STATE_KEYS))))
         offset += piece

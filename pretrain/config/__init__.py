@@ -9,8 +9,8 @@ from pretrain.config.loading import dump, from_dict, load, parse_override, to_ya
 from pretrain.config.sections import (CheckpointConfig, Config, ConfigError, DataConfig, DataSource, FtConfig,
                                       MetricsConfig, ModelConfig, OptimConfig, ParallelConfig, PrometheusConfig,
                                       RunConfig, TrainConfig)
-from pretrain.config.validation import validate
+from pretrain.config.validation import validate, validate_local
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource", "FtConfig", "MetricsConfig",
            "ModelConfig", "OptimConfig", "ParallelConfig", "PrometheusConfig", "RunConfig", "TrainConfig", "dump",
-           "from_dict", "load", "parse_override", "to_yaml", "validate"]
+           "from_dict", "load", "parse_override", "to_yaml", "validate", "validate_local"]

@@ -58,6 +58,11 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     #: Tie input embedding and output projection (GPT-2 does).
     tie_embeddings: bool = True
+    #: GPT layer implementation: auto (Transformer Engine's fused layers on CUDA when TE imports and the run needs
+    #: nothing TE's spec drops, else megatron-core's local layers; the choice and its reason are logged),
+    #: transformer_engine (required: a one-line error if it cannot be used) or local. Checkpoints do not depend
+    #: on it: parameters are saved under the local spec's names.
+    layer_spec: Literal["auto", "transformer_engine", "local"] = "auto"
     #: BERT: fraction of non-special tokens selected for masked-LM prediction (80% [MASK], 10% random, 10% kept).
     mask_prob: float = 0.15
     #: BERT: chance a sample is shorter than seq_length (the paper's short_seq_prob; fewer mismatches with

@@ -1,8 +1,11 @@
-"""Value checks of a whole Config that need no world size (those live in ParallelDims)."""
+"""Value checks of a whole Config that need no world size (those live in ParallelDims): ``validate`` on every load;
+``validate_local`` (paths on this machine, this node's ports) where a run starts, before any process group."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from pretrain.config.sections import Config, ConfigError
 
@@ -75,3 +78,46 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.metrics.peak_tflops < math.inf, "metrics.peak_tflops",
              f"must be a finite number >= 0 (0: look up the GPU), got {cfg.metrics.peak_tflops}")
 
+
+
+def validate_local(cfg: Config, local_world_size: int = 1) -> None:
+    """Checks against this machine, run by every rank before any process group exists (``pretrain train``): every
+    local path the run reads exists, and this node's Prometheus ports fit. Raises a one-line ConfigError naming the
+    key and the value, instead of a traceback (or a hang of the peers) once the job has started.
+
+    Only local paths are checked (plain paths and ``file:`` URLs); ``pipe:``, http and other URLs are left to
+    webdataset, which opens them when read. Shard patterns (``data.train[i].shards``) are left to the reader too:
+    under ``data.on_bad_shard=skip`` a missing shard is skipped by design. Outputs (``run.dir``,
+    ``checkpoint.dir``) may be missing (they are created) but must not be files.
+    """
+    from data_pipeline.shards import MANIFEST_NAME
+    from data_pipeline.stream import is_local, local_path
+
+    def shard_source(key: str, location: str) -> None:
+        if not location or not is_local(location):
+            return
+        path = local_path(location)
+        _require(path.exists(), key, f"not found: {location}")
+        _require(path.is_file() or (path / MANIFEST_NAME).is_file(), key,
+                 f"no {MANIFEST_NAME} in {location} (a directory written by `pretrain data prepare`)")
+
+    for i, source in enumerate(cfg.data.train):
+        shard_source(f"data.train[{i}].path", source.path)
+    shard_source("data.valid", cfg.data.valid)
+    if cfg.data.tokenizer:  # rank 0 copies it into the run directory, every rank hashes it
+        tokenizer = Path(cfg.data.tokenizer)
+        _require(tokenizer.exists(), "data.tokenizer", f"file not found: {tokenizer}")
+        _require(tokenizer.is_file(), "data.tokenizer", f"not a file: {tokenizer}")
+        _require(os.access(tokenizer, os.R_OK), "data.tokenizer", f"not readable: {tokenizer}")
+    if cfg.checkpoint.load:
+        load = Path(cfg.checkpoint.load)
+        _require(load.exists(), "checkpoint.load", f"checkpoint directory not found: {load}")
+        _require(load.is_dir(), "checkpoint.load", f"not a directory: {load}")
+    for key, value in [("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint.dir)]:
+        _require(not value or not Path(value).exists() or Path(value).is_dir(), key,
+                 f"exists and is not a directory: {value}")
+    prom = cfg.metrics.prometheus
+    last_port = prom.port + local_world_size - 1  # local rank r serves on port + r
+    _require(not prom.enabled or last_port <= 65535, "metrics.prometheus.port",
+             f"{prom.port} + LOCAL_RANK (up to {local_world_size - 1} on this node) reaches {last_port}, past 65535; "
+             f"use a base port <= {65536 - local_world_size}")

@@ -59,5 +59,8 @@ PROM_LAST_CHECKPOINT_TIME = "pretrain_last_checkpoint_timestamp_seconds"
 PROM_TARGET_STEPS = "pretrain_target_steps"  # train.steps: a run whose step reached it finished, not stalled
 PROM_LAST_STEP_TIMESTAMP = "pretrain_last_step_timestamp_seconds"  # liveness: unix time of the last logged step
 PROM_RESTARTS = "pretrain_restarts_total"  # SLURM_RESTART_COUNT or TORCHELASTIC_RESTART_COUNT
+# Ranks of the job whose exporter could not start (port in use, ...): they train without /metrics. The same
+# job-wide number on every rank that does serve, counted once at startup; read it with max(), not sum().
+PROM_EXPORTER_FAILURES = "pretrain_prometheus_exporter_failures_total"
 PROM_BUILD_INFO = "pretrain_build_info"  # 1, labelled with version, config hash and world layout
 PROM_LABELS = ("run", "rank", "node", "model")

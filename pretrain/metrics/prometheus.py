@@ -2,12 +2,14 @@
 
 Training only hands over the record it already built on a log step (``update``: a dict copy, one histogram
 observation, a timestamp; no device syncs, no collectives). Everything else (gauges, counters, memory) is
-assembled on the scrape thread when Prometheus asks, so exposing costs the loop next to nothing.
+assembled on the scrape thread when Prometheus asks, so exposing costs the loop next to nothing. A rank whose
+exporter cannot start warns and trains without one (``from_config``); the others count it in a metric.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -18,8 +20,9 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from pretrain.config import ConfigError
 from pretrain.metrics import names
+
+logger = logging.getLogger(__name__)
 
 #: Dense bf16 tensor-core peak FLOP/s per device, matched by substring of torch.cuda.get_device_name() in this
 #: order (more specific names first). metrics.peak_tflops overrides it; CPUs have no entry (MFU absent).
@@ -124,6 +127,11 @@ class _RecordCollector(Collector):
                                        "Restarts of the job by its launcher.", labels=keys)
         restarts.add_metric(labels, float(ex.restarts))
         yield restarts
+        failures = CounterMetricFamily(names.PROM_EXPORTER_FAILURES.removesuffix("_total"),
+                                       "Ranks of the job whose exporter could not start (they serve no /metrics); "
+                                       "the same job-wide number on every serving rank.", labels=keys)
+        failures.add_metric(labels, float(ex.exporter_failures))
+        yield failures
         info = InfoMetricFamily(names.PROM_BUILD_INFO.removesuffix("_info"), "Version, config hash, world layout.",
                                 labels=keys)
         info.add_metric(labels, ex.build_info)
@@ -151,7 +159,8 @@ def _device_memory() -> list[tuple[str, str, float]]:
 
 
 class PrometheusExporter:
-    """One rank's ``/metrics`` endpoint. ``update(record)`` on every log step; ``close()`` at the end."""
+    """One rank's ``/metrics`` endpoint. ``update(record)`` on every log step; ``close()`` at the end. Raises
+    OSError when ``host:port`` cannot be served (``from_config`` decides what that means for the run)."""
 
     def __init__(self, *, host: str, port: int, run: str, rank: int, model: str, config_yaml: str,
                  layout: dict[str, Any], tokens_per_sample: int, peak: float | None, target_steps: int,
@@ -167,17 +176,16 @@ class PrometheusExporter:
                            **{f"layout_{k}": str(v) for k, v in sorted(layout.items())}}
         self.record: dict[str, Any] = {}
         self.last_step_time: float | None = None
+        #: Ranks of the job without an exporter (set by from_config once every rank has tried to start one).
+        self.exporter_failures = 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.step_time = Histogram(names.PROM_STEP_TIME, "Wall time of logged training steps on this rank.",
                                    list(names.PROM_LABELS), buckets=STEP_TIME_BUCKETS,
                                    registry=self.registry).labels(*self.label_values)
         self.registry.register(_RecordCollector(self))
         self._lock = threading.Lock()
-        try:
-            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:
-            raise ConfigError(f"metrics.prometheus.port: cannot serve /metrics on {host}:{port} ({e.strerror}); "
-                              "ranks use metrics.prometheus.port + LOCAL_RANK") from None
+        # An OSError (port in use, address not on this host) goes to the caller: from_config trains on without it.
+        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         self.address = (host, self.server.server_port)
 
     def update(self, record: dict[str, Any]) -> None:
@@ -199,11 +207,45 @@ class PrometheusExporter:
 
 def from_config(cfg, local_rank: int, rank: int, layout: dict[str, Any], config_yaml: str,
                 tokens_per_sample: int, device_name: str | None) -> PrometheusExporter | None:
-    """The exporter for this rank when ``metrics.prometheus.enabled``, else None."""
+    """The exporter for this rank when ``metrics.prometheus.enabled``, else None. Collective when enabled (every
+    rank calls it: build()).
+
+    An exporter that cannot start (its port is taken, e.g. by another job on the node, or the host is not an
+    address of this machine) is no reason to lose the run: that rank warns once and trains without one (None).
+    One all-reduce at startup counts such ranks over the job; every rank that does serve exports the total as
+    ``pretrain_prometheus_exporter_failures_total``, so a dashboard or alert sees the gap, and rank 0 logs it.
+    """
     m = cfg.metrics
     if not m.prometheus.enabled:
         return None
-    return PrometheusExporter(host=m.prometheus.host, port=m.prometheus.port + local_rank, run=cfg.run.name,
-                              rank=rank, model=cfg.model.family, config_yaml=config_yaml, layout=layout,
-                              tokens_per_sample=tokens_per_sample, peak=peak_flops(m.peak_tflops, device_name),
-                              target_steps=cfg.train.steps)
+    host, port = m.prometheus.host, m.prometheus.port + local_rank
+    try:
+        exporter = PrometheusExporter(host=host, port=port, run=cfg.run.name, rank=rank, model=cfg.model.family,
+                                      config_yaml=config_yaml, layout=layout, tokens_per_sample=tokens_per_sample,
+                                      peak=peak_flops(m.peak_tflops, device_name), target_steps=cfg.train.steps)
+    except OSError as e:
+        logger.warning("rank %d: metrics.prometheus: cannot serve /metrics on %s:%d (%s); this rank trains without "
+                       "a Prometheus exporter (ranks serve on metrics.prometheus.port + LOCAL_RANK)", rank, host, port,
+                       e.strerror or e)
+        exporter = None
+    failures = _job_total(exporter is None)
+    if exporter is not None:
+        exporter.exporter_failures = failures
+    if rank == 0 and failures:
+        logger.warning("metrics.prometheus: %d rank(s) of the job serve no /metrics (counted in %s on the others)",
+                       failures, names.PROM_EXPORTER_FAILURES)
+    return exporter
+
+
+def _job_total(failed: bool) -> int:
+    """How many ranks of the job failed (one all-reduce; just this rank without a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return int(failed)
+    # NCCL reduces only CUDA tensors (build() has set this rank's device); gloo and mixed backends take CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    count = torch.tensor([int(failed)], dtype=torch.int64, device=device)
+    dist.all_reduce(count)
+    return int(count.item())

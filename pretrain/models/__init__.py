@@ -26,8 +26,11 @@ class ModelSpec:
     """How to build, feed and score one model family."""
 
     name: str
-    #: (model cfg, parallel cfg, params dtype, padded vocab size, *, pre_process, post_process, vp_stage) ->
-    #: one pipeline chunk of the model for this rank (the whole model when pipeline parallelism is 1).
+    #: (model cfg, parallel cfg, params dtype, padded vocab size, *, pre_process, post_process, vp_stage,
+    #: document_masks) -> one pipeline chunk of the model for this rank (the whole model when pipeline
+    #: parallelism is 1). ``document_masks``: batches carry per-document attention masks (data.reset_at_eos), so
+    #: the layers must honour a mask (GPT then keeps to the local spec); BERT's and Transformer-XL's local layers
+    #: always do.
     build: Callable[..., torch.nn.Module]
     #: (run config, data manifest) -> the BatchFn for this run (binds options such as special token ids).
     make_batch_fn: Callable[[Config, dict], BatchFn]
@@ -58,7 +61,7 @@ def get(name: str) -> ModelSpec:
 
 
 def build_chunks(spec: ModelSpec, cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
-                 vocab_size: int) -> list[torch.nn.Module]:
+                 vocab_size: int, document_masks: bool = False) -> list[torch.nn.Module]:
     """This rank's model chunks: one per virtual pipeline stage (a single chunk without interleaving), each told
     whether it holds the embedding (the very first stage) or the output layer (the very last)."""
     from megatron.core import parallel_state
@@ -70,7 +73,7 @@ def build_chunks(spec: ModelSpec, cfg: ModelConfig, parallel: ParallelConfig, dt
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunks.append(spec.build(cfg, parallel, dtype, vocab_size, pre_process=first, post_process=last,
-                                 vp_stage=vp_stage))
+                                 vp_stage=vp_stage, document_masks=document_masks))
     return chunks
 
 

@@ -76,7 +76,8 @@ def _norms_for_sequence_parallel() -> Iterator[None]:
 
 
 def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_size: int,
-          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> BertModel:
+          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+          document_masks: bool = False) -> BertModel:
     """BertModel (one pipeline chunk): embeddings if ``pre_process``; MLM head, output layer (tied to the word
     embedding when ``model.tie_embeddings``, as megatron-core does) and, with ``model.nsp``, pooler + binary head
     if ``post_process``. With the defaults: the whole model for one process (megatron-core's parallel state must

@@ -1,8 +1,9 @@
-"""GPT: megatron-core's GPTModel (local layer spec on CPU, Transformer Engine spec when importable on CUDA)."""
+"""GPT: megatron-core's GPTModel (local layer spec on CPU, Transformer Engine spec when usable on CUDA)."""
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,24 +15,44 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from data_pipeline.batches import gpt_batch
-from pretrain.config import Config, ModelConfig, ParallelConfig
+from pretrain import device
+from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig
 from pretrain.models import BatchFn, ModelSpec, register
 from pretrain.models.attention import SDPAttention
+from pretrain.models.layer_names import install_canonical_names
+
+logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
-    "gelu": F.gelu,
+    "gelu": F.gelu,  # exact (erf), as Hugging Face's "gelu" that export maps it to
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "swiglu": F.silu,  # gated: megatron-core applies silu(x1) * x2 when gated_linear_unit=True
 }
 
 
-def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> TransformerConfig:
-    """The megatron-core TransformerConfig for our model section.
+def _activation(cfg: ModelConfig, on_cuda: bool) -> tuple[Any, bool]:
+    """(activation function, bias-activation fusion) for megatron-core's MLP.
+
+    megatron-core's fused bias-GeLU kernel is the tanh approximation, and it is chosen by ``activation_func is
+    F.gelu``: so only ``gelu_tanh`` may use it (handing megatron-core F.gelu), while ``gelu`` stays exact, unfused,
+    on every device. The fused bias-SwiGLU computes silu exactly.
+    """
+    fused = on_cuda and cfg.activation in ("gelu_tanh", "swiglu")
+    if fused and cfg.activation == "gelu_tanh":
+        return F.gelu, True
+    return _ACTIVATIONS[cfg.activation], fused
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                       on_cuda: bool | None = None) -> TransformerConfig:
+    """The megatron-core TransformerConfig for our model section (``on_cuda``: default this process's device).
 
     Fusions that need Transformer Engine or Apex stay off; megatron-core enables the ones available on CUDA
     through the layer spec instead.
     """
-    on_cuda, recompute = torch.cuda.is_available(), parallel.activation_checkpointing
+    on_cuda = device.cuda_available() if on_cuda is None else on_cuda
+    recompute = parallel.activation_checkpointing
+    activation, bias_activation_fusion = _activation(cfg, on_cuda)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -41,7 +62,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         layernorm_epsilon=cfg.layernorm_epsilon,
-        activation_func=_ACTIVATIONS[cfg.activation],
+        activation_func=activation,
         gated_linear_unit=cfg.activation == "swiglu",
         add_bias_linear=True,
         tensor_model_parallel_size=parallel.tensor,
@@ -56,7 +77,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_cuda,
         # Fused kernels below exist only on CUDA (Apex / TE / triton); the unfused paths compute the same math.
-        bias_activation_fusion=on_cuda and cfg.activation == "gelu",
+        bias_activation_fusion=bias_activation_fusion,
         masked_softmax_fusion=False,
         bias_dropout_fusion=on_cuda,
         persist_layer_norm=False,
@@ -85,16 +106,50 @@ class LayerNorm(torch.nn.LayerNorm):
             param.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None):
-    """Transformer Engine's fused layer spec on CUDA when installed, else megatron-core's local (pure torch) one
-    with our LayerNorm (for the block's final norm too) and SDPA core attention (pretrain/models/attention.py)."""
-    if torch.cuda.is_available():
-        try:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+LOCAL, TRANSFORMER_ENGINE = "local", "transformer_engine"
 
-            return get_gpt_layer_with_transformer_engine_spec()
-        except (ImportError, AssertionError):
-            pass
+
+def choose_layer_spec(requested: str, on_cuda: bool, document_masks: bool) -> tuple[str, str]:
+    """(LOCAL or TRANSFORMER_ENGINE, why) for ``model.layer_spec`` = ``requested`` (auto, transformer_engine or
+    local). ``document_masks``: the run feeds per-document attention masks (data.reset_at_eos), which TE's layer
+    spec would ignore (it fixes the mask type to causal). ``auto`` takes TE only where it builds, and falls back
+    to the local spec for any failure (megatron-core 0.16 raises NameError, not ImportError, without TE);
+    ``transformer_engine`` where it cannot be used is a one-line ConfigError."""
+    if requested == LOCAL:
+        return LOCAL, "model.layer_spec=local"
+    refuse = requested == TRANSFORMER_ENGINE
+    if document_masks:
+        why = "data.reset_at_eos needs per-document attention masks, which TE's causal layer spec ignores"
+        if refuse:
+            raise ConfigError(f"model.layer_spec: transformer_engine cannot honour data.reset_at_eos ({why}); "
+                              "use model.layer_spec=local or auto")
+        return LOCAL, why
+    if not on_cuda:
+        if refuse:
+            raise ConfigError("model.layer_spec: transformer_engine needs CUDA; this process has none")
+        return LOCAL, "no CUDA"
+    try:
+        _te_layer_spec()
+    except Exception as e:  # noqa: BLE001 - any failure to build TE's spec means: not usable here
+        why = f"Transformer Engine unusable ({type(e).__name__}: {e})"
+        if refuse:
+            raise ConfigError(f"model.layer_spec: transformer_engine requested, but {why}") from None
+        return LOCAL, why
+    return TRANSFORMER_ENGINE, "Transformer Engine imports on CUDA"
+
+
+def _te_layer_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None, name: str = LOCAL):
+    """The layers of one chunk: Transformer Engine's fused spec (``name`` TRANSFORMER_ENGINE), or megatron-core's
+    local (pure torch) one with our LayerNorm (for the block's final norm too) and SDPA core attention
+    (pretrain/models/attention.py)."""
+    if name == TRANSFORMER_ENGINE:
+        return _te_layer_spec()
     spec = get_gpt_layer_local_spec()
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LayerNorm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention  # fused, not separate ops
@@ -102,14 +157,33 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None):
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LayerNorm)
 
 
+_logged: set[str] = set()
+
+
 def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_size: int,
-          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+          document_masks: bool = False) -> GPTModel:
     """GPTModel (one pipeline chunk): embedding if ``pre_process``, output layer + loss if ``post_process``;
-    megatron-core picks the chunk's layers from the pipeline rank and ``vp_stage``."""
+    megatron-core picks the chunk's layers from the pipeline rank and ``vp_stage``. The layer spec is
+    :func:`choose_layer_spec`'s (logged once); parameters save under spec-independent names
+    (pretrain/models/layer_names.py)."""
     config = transformer_config(cfg, parallel, dtype)
-    return GPTModel(
+    name, why = choose_layer_spec(cfg.layer_spec, device.cuda_available(), document_masks)
+    if (message := f"GPT layers: {name} spec ({why})") not in _logged:
+        _logged.add(message)
+        logger.info(message)
+    model = model_from_spec(cfg, config, layer_spec(config, vp_stage, name), vocab_size, pre_process,
+                            post_process, vp_stage)
+    model.layer_spec_name = name  # recorded in the checkpoint layout: a change of spec loads by name
+    return model
+
+
+def model_from_spec(cfg: ModelConfig, config: TransformerConfig, spec, vocab_size: int, pre_process: bool = True,
+                    post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+    """GPTModel with the layer ``spec`` given, saving under canonical parameter names."""
+    return install_canonical_names(GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, vp_stage),
+        transformer_layer_spec=spec,
         vocab_size=vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
@@ -117,7 +191,7 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type=cfg.position_embedding,
         vp_stage=vp_stage,
-    )
+    ))
 
 
 def batch_fn(rows: np.ndarray, device: torch.device, eos_id: int | None = None,

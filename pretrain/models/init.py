@@ -18,6 +18,8 @@ import re
 import torch
 from megatron.core import parallel_state
 
+from pretrain.models.layer_names import canonical_name
+
 _LAYER = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.")  # GPT: decoder, BERT: encoder
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
@@ -36,8 +38,10 @@ def init_weights(chunks: list[torch.nn.Module], seed: int, std: float, num_layer
 
 
 def full_model_name(chunk: torch.nn.Module, local_name: str) -> str:
-    """The parameter's name in the whole single-stage model: global layer numbers, and a last stage's copy of
-    the tied word embedding named as the embedding itself (both start from the same values)."""
+    """The parameter's name in the whole single-stage model: global layer numbers, canonical (layer-spec
+    independent) names, and a last stage's copy of the tied word embedding named as the embedding itself (both
+    start from the same values)."""
+    local_name = canonical_name(local_name)  # TE and local layers start from the same values
     match = _LAYER.match(local_name)
     if match:
         block, index = match.groups()

@@ -242,7 +242,8 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mlen: int, q
 
 
 def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_size: int,
-          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> TransformerXL:
+          pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+          document_masks: bool = False) -> TransformerXL:
     """One Transformer-XL chunk for this rank: embedding if ``pre_process``, output layer + loss if
     ``post_process``; the layers of this pipeline rank and ``vp_stage`` (megatron-core's even split)."""
     return TransformerXL(cfg, parallel, dtype, vocab_size, pre_process, post_process, vp_stage)

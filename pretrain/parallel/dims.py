@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -72,12 +73,15 @@ class ParallelDims:
         return global_batch_size // per_step
 
 
-def init_process_groups(dims: ParallelDims, seed: int) -> None:
-    """megatron-core's TP/PP/DP groups on the default process group, then its per-TP-rank RNG streams."""
+def init_process_groups(dims: ParallelDims, seed: int, timeout_s: float | None = None) -> None:
+    """megatron-core's TP/PP/DP groups on the default process group, then its per-TP-rank RNG streams.
+    ``timeout_s``: the groups' collective timeout (pretrain.ft.startup_collective_timeout_s); None: 30 min,
+    megatron-core's default."""
     assert dist.is_initialized() and dist.get_world_size() == dims.world_size
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tensor, pipeline_model_parallel_size=dims.pipeline,
-        virtual_pipeline_model_parallel_size=dims.virtual_pipeline if dims.virtual_pipeline > 1 else None)
+        virtual_pipeline_model_parallel_size=dims.virtual_pipeline if dims.virtual_pipeline > 1 else None,
+        distributed_timeout_minutes=math.ceil(timeout_s / 60) if timeout_s else 30)
     # Same seed on every rank for init of replicated weights; megatron-core offsets the TP stream per TP rank.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

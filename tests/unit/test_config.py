@@ -383,3 +383,81 @@ def test_nested_section_override_and_its_errors():
     assert config_error(TINY, ["--model.a.b=1"]).startswith("unknown key 'model.a'")
     assert config_error(TINY, ["--model.hidden_size.x=1"]) == "model.hidden_size: expected a mapping of keys"
     assert config_error(TINY, ["--metrics.prometheus=true"]).startswith("metrics.prometheus: expected a mapping")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate_local: paths on this machine and this node's ports, before any process group (pretrain train's main)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_files(tmp_path) -> dict[str, Path]:
+    """A shard directory with a manifest, a tokenizer file, a checkpoint directory (contents are not read)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    (tmp_path / "tok.model").write_bytes(b"sp")
+    (tmp_path / "ckpt").mkdir()
+    return {"shards": shards, "tokenizer": tmp_path / "tok.model", "checkpoint": tmp_path / "ckpt", "tmp": tmp_path}
+
+
+def local_overrides(files: dict[str, Path]) -> list[str]:
+    return [f"--data.train={files['shards']}", f"--data.valid={files['shards']}",
+            f"--data.tokenizer={files['tokenizer']}", f"--checkpoint.load={files['checkpoint']}",
+            f"--run.dir={files['tmp'] / 'run'}"]
+
+
+def local_error(overrides, local_world_size: int = 1) -> str:
+    cfg = load(TINY, overrides)  # the path checks are not part of load: --dry-run plans on any machine
+    with pytest.raises(ConfigError) as info:
+        C.validate_local(cfg, local_world_size)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_validate_local_accepts_existing_paths_and_urls(local_files):
+    C.validate_local(load(TINY, local_overrides(local_files)))
+    manifest = local_files["shards"] / "manifest.json"
+    C.validate_local(load(TINY, [*local_overrides(local_files), f"--data.train={manifest}",  # a manifest file
+                                 f"--data.valid=file://{local_files['shards']}"]))
+    # URL sources are webdataset's to open: nothing is checked here.
+    blend = {"data": {"train": [{"path": "http://example.invalid/c4/manifest.json", "shards": "pipe:cat {0..3}"},
+                                {"path": "pipe:curl -s http://example.invalid/m.json", "shards": "x"}],
+                      "valid": "s3://bucket/valid", "tokenizer": str(local_files["tokenizer"])}}
+    C.validate_local(C.from_dict(blend))
+
+
+@pytest.mark.parametrize("key, override, needle", [
+    ("data.tokenizer", "--data.tokenizer={tmp}/missing/tok.model", "file not found: {tmp}/missing/tok.model"),
+    ("data.tokenizer", "--data.tokenizer={tmp}/shards", "not a file: {tmp}/shards"),
+    ("data.train[0].path", "--data.train={tmp}/nowhere", "not found: {tmp}/nowhere"),
+    ("data.train[0].path", "--data.train={tmp}/ckpt", "no manifest.json in {tmp}/ckpt"),
+    ("data.train[0].path", "--data.train=file://{tmp}/nowhere", "not found: file://{tmp}/nowhere"),
+    ("data.valid", "--data.valid={tmp}/valid", "not found: {tmp}/valid"),
+    ("checkpoint.load", "--checkpoint.load={tmp}/ckpt/step_7", "checkpoint directory not found: {tmp}/ckpt/step_7"),
+    ("checkpoint.load", "--checkpoint.load={tmp}/tok.model", "not a directory: {tmp}/tok.model"),
+    ("run.dir", "--run.dir={tmp}/tok.model", "exists and is not a directory: {tmp}/tok.model"),
+    ("checkpoint.dir", "--checkpoint.dir={tmp}/tok.model", "exists and is not a directory: {tmp}/tok.model"),
+])
+def test_validate_local_names_key_and_path(local_files, key, override, needle):
+    tmp = local_files["tmp"]
+    message = local_error([*local_overrides(local_files), override.format(tmp=tmp)])
+    assert message == f"{key}: {needle.format(tmp=tmp)}" or message.startswith(f"{key}: {needle.format(tmp=tmp)} ")
+
+
+def test_validate_local_second_blend_source_is_named(local_files):
+    tmp = local_files["tmp"]
+    blend = {"data": {"train": [str(local_files["shards"]), {"path": str(tmp / "gone"), "weight": 2.0}]}}
+    with pytest.raises(ConfigError, match=rf"^data\.train\[1\]\.path: not found: {tmp}/gone$"):
+        C.validate_local(C.from_dict(blend))
+
+
+def test_prometheus_port_plus_local_rank_past_65535(local_files):
+    base = [*local_overrides(local_files), "--metrics.prometheus.enabled=true"]
+    message = local_error([*base, "--metrics.prometheus.port=65530"], local_world_size=8)
+    assert message == ("metrics.prometheus.port: 65530 + LOCAL_RANK (up to 7 on this node) reaches 65537, past 65535; "
+                       "use a base port <= 65528")
+    C.validate_local(load(TINY, [*base, "--metrics.prometheus.port=65528"]), local_world_size=8)  # 65535: last one
+    C.validate_local(load(TINY, [*local_overrides(local_files), "--metrics.prometheus.port=65530"]),
+                     local_world_size=8)  # exporter off: the port is not used

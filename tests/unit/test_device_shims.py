@@ -123,6 +123,26 @@ def test_detect_on_cpu():
     assert device.detect(precision="fp32").dtype == torch.float32
 
 
+@pytest.mark.parametrize("precision, on_cuda, bf16, expected", [
+    ("auto", True, True, torch.bfloat16),   # A100, H100, H200
+    ("auto", True, False, torch.float32),   # V100, T4: no bf16 -> fp32, logged
+    ("fp32", True, False, torch.float32),
+    ("auto", False, True, torch.float32),   # CPU
+    ("bf16", False, True, torch.bfloat16),  # CPU bf16: the test tier for the production dtype
+])
+def test_precision_is_what_the_device_can_do(precision, on_cuda, bf16, expected, caplog):
+    with caplog.at_level("WARNING", logger="pretrain.device"):
+        assert device.choose_dtype(precision, on_cuda, bf16, "Tesla V100-SXM2-32GB") == expected
+    assert ("no bf16 support; training in fp32" in caplog.text) == (on_cuda and not bf16 and precision == "auto")
+
+
+def test_bf16_on_a_gpu_without_it_is_a_one_line_error():
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.precision: bf16 requested, but Tesla T4 has no bf16 support"):
+        device.choose_dtype("bf16", True, False, "Tesla T4")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One test per shim
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from launch import slurm_env
-from launch.local import LocalLaunch, torchrun_argv
+from launch.local import LocalLaunch, node_exit_code, torchrun_argv
 from launch.slurm import SlurmJob, render, template_name
 from pretrain.config import ConfigError
 
@@ -80,7 +80,8 @@ def test_first_host_uses_scontrol_when_present_else_parses():
 
 def test_torchrun_argv_single_and_multi_node():
     single = torchrun_argv(LocalLaunch(nproc=2), ["train", "c.yaml", "--train.steps=5"])
-    assert single[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0", "--standalone",
+    assert single[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0",
+                          "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "--standalone",
                           "-m", "pretrain", "train", "c.yaml", "--train.steps=5"]
     multi = torchrun_argv(LocalLaunch(nproc=4, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400",
                                       max_restarts=3), ["train", "c.yaml"])
@@ -147,3 +148,61 @@ def test_malformed_nodelist_fails_in_one_line_before_any_rendezvous():
     env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "gpu[01-", "SLURM_JOB_ID": "5"}
     with pytest.raises(ConfigError, match=r"SLURM_JOB_NODELIST: unbalanced '\[' in 'gpu\[01-'"):
         slurm_env.apply(dict(env))  # with scontrol on PATH too (it would answer a bogus host, "gpu]")
+
+
+@pytest.mark.parametrize("codes, nproc, expected", [
+    ([], 2, 0),  # no failures: every worker finished
+    ([75, 75], 2, 75),  # every worker checkpointed on a signal: requeue
+    ([75], 2, 1),  # one saved, one finished: not a requeue request
+    ([86, -15], 2, 86),  # a hang, its peer then stopped by the agent
+    ([-15, 86], 2, 86),  # a hang wins even when it is not the first failure
+    ([75, -9], 2, 137),  # a worker killed before it could save: its signal, as a shell reports it
+    ([2, 2], 2, 2),  # a bad config on every rank
+    ([87, 87, 87, 87], 4, 87),  # non-finite loss under ft.nan_policy=abort
+    ([1, -15], 2, 1),  # the root cause (a crash), not the agent's SIGTERM to its peer
+])
+def test_node_exit_code_from_worker_codes(codes, nproc, expected):
+    assert node_exit_code(codes, nproc) == expected
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"job_name": "train\nscancel -u $USER"}, "--job-name"),
+    ({"partition": "gpu\n#SBATCH --account=other"}, "--partition"),
+    ({"time": "04:00:00\n"}, "--time"),
+    ({"output": "runs/%j.log\r"}, "--output"),
+    ({"workdir": "/work/a\nb"}, "--workdir"),
+    ({"extra": ("--qos=high", "--account=abc\nrm -rf ~")}, "--sbatch-option"),
+    ({"job_name": "tab\there"}, "--job-name"),
+    ({"job_name": "esc\x1b[2J"}, "--job-name"),
+    ({"job_name": "line\u2028separator"}, "--job-name"),
+])
+def test_control_characters_refused_naming_the_flag(kwargs, flag):
+    with pytest.raises(ConfigError) as info:
+        SlurmJob(**kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{flag}: control character ") and "\n" not in message, message
+
+
+def test_sbatch_option_must_be_an_option():
+    with pytest.raises(ConfigError, match=r"^--sbatch-option: expected an sbatch option such as --account=abc, "
+                                          r"got 'account=abc'$"):
+        SlurmJob(extra=("account=abc",))
+
+
+@pytest.mark.parametrize("train_args, flag", [
+    (["configs/x.yaml\necho owned"], "config"),
+    (["c.yaml", "--run.name=a\nb"], "--run.name"),
+])
+def test_control_characters_in_train_args_refused(train_args, flag):
+    with pytest.raises(ConfigError, match=f"^{flag}: control character '\\\\n' at position"):
+        render(SlurmJob(), train_args)
+
+
+def test_cli_control_character_is_one_line_error():
+    cmd = [sys.executable, "-m", "pretrain", "launch", "slurm", "--gpus-per-node", "0", "--procs-per-node", "2",
+           "--job-name", "x\n#SBATCH --account=other", "configs/debug/gpt_tiny.yaml", "--dry-run"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.strip() == ("error: --job-name: control character '\\n' at position 1 in "
+                                  "'x\\n#SBATCH --account=other' (values are written into the sbatch script, where "
+                                  "it would break or add lines)")

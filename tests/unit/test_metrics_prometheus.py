@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import urllib.request
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pretrain.config import ConfigError, MetricsConfig, load
 from pretrain.metrics import MetricsLogger, names
-from pretrain.metrics.prometheus import PrometheusExporter, peak_flops, restart_count
+from pretrain.metrics.prometheus import PrometheusExporter, from_config, peak_flops, restart_count
 from tests.conftest import TINY_CONFIG
 
 RECORD = {names.STEP: 20, names.LOSS: 4.25, names.LR: 2e-3, names.GRAD_NORM: 0.75, names.TOKENS_PER_S: 2560.0,
@@ -103,12 +104,32 @@ def test_non_writer_rank_feeds_its_exporter_but_writes_no_jsonl(tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{exporter.address[1]}/metrics", timeout=2)
 
 
-def test_port_in_use_is_a_config_error_naming_the_key():
+def test_port_in_use_warns_once_and_the_rank_trains_without_exporter(caplog):
+    """A taken port (another job's exporter on the node) costs this rank its /metrics, not the run."""
+    cfg = load(TINY_CONFIG, ["--metrics.prometheus.enabled=true"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        with pytest.raises(ConfigError, match=r"^metrics\.prometheus\.port: cannot serve /metrics on 127\.0\.0\.1:"):
-            make_exporter(port=taken.getsockname()[1])
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):  # the exporter itself refuses; from_config decides what that means
+            make_exporter(port=port)
+        cfg.metrics.prometheus.port = port - 2  # local rank 2 serves on port + 2
+        with caplog.at_level(logging.WARNING, logger="pretrain.metrics.prometheus"):
+            exporter = from_config(cfg, local_rank=2, rank=5, layout={}, config_yaml="", tokens_per_sample=128,
+                                   device_name=None)
+    assert exporter is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith(f"rank 5: metrics.prometheus: cannot serve /metrics on 127.0.0.1:{port} (")
+    assert "trains without a Prometheus exporter" in warnings[0]
+
+
+def test_exporter_failures_counter_starts_at_zero():
+    exporter = make_exporter()
+    try:
+        assert scrape(exporter)[names.PROM_EXPORTER_FAILURES][1] == 0
+    finally:
+        exporter.close()
 
 
 def test_peak_flops_table_override_and_cpu():

@@ -1,0 +1,28 @@
+"""Diagnostics through ``logging``, rank-aware: rank 0 logs at INFO, every other rank only warnings and errors,
+and every line names its rank, so the interleaved output of torchrun's or srun's tasks stays readable.
+
+The console metrics line and what a command is asked to print (``pretrain eval``'s numbers, generated text) are
+not diagnostics and stay on stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(rank: int | None = None) -> None:
+    """Configure the root logger once per process: stderr, ``rank R`` in every line, INFO on rank 0 only.
+
+    ``rank`` defaults to the launcher's RANK (torchrun) or SLURM_PROCID (a bare srun task), else 0.
+    """
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat per rank and per step
