@@ -13,7 +13,7 @@ import sys
 
 
 def setup_logging(rank: int | None = None) -> None:
-    """Configure the root logger once per process: stderr, ``rank R`` in every line, INFO on rank 0 only.
+    """Configure logging once per process: stderr, ``rank R`` in every line, our INFO on rank 0 only.
 
     ``rank`` defaults to the launcher's RANK (torchrun) or SLURM_PROCID (a bare srun task), else 0.
     """
@@ -24,5 +24,7 @@ def setup_logging(rank: int | None = None) -> None:
                                            datefmt="%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat per rank and per step
+    # Libraries (megatron-core, DeepSpeed) log at WARNING and above: their INFO lines repeat per rank and per
+    # import, and would bury a one-line config error under banners. Our own loggers log at INFO on rank 0.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)

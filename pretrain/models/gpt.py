@@ -171,7 +171,8 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
     name, why = choose_layer_spec(cfg.layer_spec, device.cuda_available(), document_masks)
     if (message := f"GPT layers: {name} spec ({why})") not in _logged:
         _logged.add(message)
-        logger.info(message)
+        # Without CUDA there is nothing to choose; on CUDA the choice (and a TE failure) is worth a line.
+        logger.log(logging.INFO if device.cuda_available() else logging.DEBUG, message)
     model = model_from_spec(cfg, config, layer_spec(config, vp_stage, name), vocab_size, pre_process,
                             post_process, vp_stage)
     model.layer_spec_name = name  # recorded in the checkpoint layout: a change of spec loads by name

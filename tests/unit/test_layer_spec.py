@@ -53,7 +53,7 @@ def test_required_te_that_cannot_be_used_is_a_one_line_error(on_cuda, masks, nee
 
 def test_build_logs_the_chosen_spec(mcore_world1, caplog):
     gpt._logged.clear()
-    with caplog.at_level("INFO", logger="pretrain.models.gpt"):
+    with caplog.at_level("DEBUG", logger="pretrain.models.gpt"):
         model = gpt.build(CFG, ParallelConfig(), torch.float32, VOCAB, document_masks=True)
     assert model.layer_spec_name == gpt.LOCAL
     assert "GPT layers: local spec (data.reset_at_eos" in caplog.text
