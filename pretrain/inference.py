@@ -21,6 +21,7 @@ from pretrain import device as device_layer
 from pretrain import models
 from pretrain.checkpoint import CheckpointError, CheckpointManager, read_marker
 from pretrain.checkpoint.consolidate import consolidated_state_dict, model_file
+from pretrain.checkpoint.safe_load import load_checkpoint_file, safe_torch_load
 from pretrain.config import Config
 
 
@@ -87,7 +88,7 @@ def _vocab_size(path: Path, layout: dict) -> int:
     checkpoints) the rows of the first rank's word embedding times the tensor-parallel size."""
     if "vocab_size" in layout:
         return layout["vocab_size"]
-    state = torch.load(model_file(path, 0), map_location="cpu", weights_only=False)["module"]
+    state = load_checkpoint_file(model_file(path, 0), map_location="cpu")["module"]
     rows = [v.shape[0] for k, v in state.items() if k.endswith("word_embeddings.weight")]
     if not rows:
         raise CheckpointError(f"{path}: cannot tell the vocabulary size (no word embedding in rank 0's model file)")
@@ -116,7 +117,8 @@ def _zero3_state_dict(path: Path, layout: dict) -> dict[str, torch.Tensor]:
                               f"tensor={layout['tensor']} pipeline={layout['pipeline']})")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    with safe_torch_load():  # it calls torch.load(weights_only=False) itself
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
 
 
 def tokenizer_for(loaded: LoadedModel):

@@ -7,6 +7,7 @@ tensor and pipeline parallelism are its business.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -28,6 +29,8 @@ from pretrain.metrics import MetricsLogger, names
 from pretrain.models import BatchFn, ModelSpec
 from pretrain.optim import lr_at
 from pretrain.parallel.engine import TrainEngine, verify_replicas
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -238,18 +241,26 @@ class Trainer:
             self.checkpoints.save(self.state.step, self.engine.engine, train_state, self.config_yaml)
 
     def resume(self) -> None:
-        """Continue from checkpoint.load, else from the newest complete checkpoint that verifies, else start
-        fresh. A checkpoint that fails verification is refused (checkpoint.load) or skipped (automatic)."""
+        """Continue from the run's own newest checkpoint that verifies, else from checkpoint.load (which only seeds
+        a run without checkpoints of its own, so a requeued run keeps its progress), else start fresh. Rank 0
+        chooses; every rank loads that one. A checkpoint.load that fails verification is refused; one of the
+        run's own is skipped."""
         found = self.checkpoints.resume_point(self.cfg.checkpoint.load)  # verified once, here
         if found is None:
+            if self.rank == 0:
+                logger.info("starting from step 0: no checkpoint of this run in %s, and no checkpoint.load",
+                            self.checkpoints.root)
             return
-        path, marker = found
-        train_state = self.checkpoints.load(path, marker, self.engine, self.cfg.model)
+        path = found.path
+        train_state = self.checkpoints.load(path, found.marker, self.engine, self.cfg.model)
         self.state = TrainState(**train_state["trainer"])
         self.train_data.load_state_dict(train_state["data"])
         self.engine.load_memory_state(train_state.get("memory", []))
         set_rng_state(train_state["rng"])
-        if dist.get_rank() == 0:
+        if self.rank == 0:
+            # Logged once loaded (a refusal stays the one line of stderr); the stdout line is what scripts parse.
+            logger.info("resumed from %s (step %d, marker sha256 %s): %s", path, self.state.step,
+                        found.digest[:16], found.reason)
             print(f"resumed from {path} at step {self.state.step}", flush=True)
 
 

@@ -1,3 +1,5 @@
-"""Checkpointing: commit-marker directories (manager) and loading a model for inference (load)."""
+"""Checkpointing: commit-marker directories (manager), their files read without running code (safe_load)."""
 
-from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, read_marker  # noqa: F401
+from pretrain.checkpoint.manager import (CheckpointDisagreement, CheckpointError, CheckpointManager,  # noqa: F401
+                                         ResumePoint, read_marker)
+from pretrain.checkpoint.safe_load import load_checkpoint_file  # noqa: F401

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.manager import CheckpointError
+from pretrain.checkpoint.safe_load import CheckpointError, load_checkpoint_file
 from pretrain.models.layer_names import canonical_name
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
@@ -61,7 +61,7 @@ def consolidated_state_dict(path: str | Path, layout: dict, target: dict[str, to
 def _module_state(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing model file of this checkpoint's layout")
-    state = torch.load(file, map_location="cpu", weights_only=False).get("module")
+    state = load_checkpoint_file(file, map_location="cpu").get("module")
     if not state:  # ZeRO-3 leaves only partitioned placeholders here
         raise CheckpointError(f"{file}: holds no model weights (a ZeRO-3 checkpoint of another layout?)")
     return state

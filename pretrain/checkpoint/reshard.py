@@ -12,9 +12,10 @@ then cut into this rank's tensor-parallel shard (models/init.py ``tp_shard``) an
 the parameter and the torch AdamW state (ZeRO-0), or the fp32 partition and its optimizer state through
 DeepSpeed's own ``safe_set_full_*`` (ZeRO 1-3), the low-precision weights following from the fp32 ones.
 
-Reading is lazy: files are memory-mapped (``torch.load(mmap=True)``) and only the parameters this rank holds are
-materialised, one at a time. A rank reads the old pipeline stages that held its layers (all their tensor-parallel
-and DP files), and further stages only for the names still missing (embedding, final norm, output layer).
+Reading is lazy: files are memory-mapped (``safe_load.load_checkpoint_file(mmap=True)``, weights only) and only
+the parameters this rank holds are materialised, one at a time. A rank reads the old pipeline stages that held its
+layers (all their tensor-parallel and DP files), and further stages only for the names still missing (embedding,
+final norm, output layer).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from megatron.core import parallel_state
 
 from pretrain.checkpoint.consolidate import global_layer_name, join_tp_shards, model_file
-from pretrain.checkpoint.manager import CheckpointError
+from pretrain.checkpoint.safe_load import CheckpointError, load_checkpoint_file
 from pretrain.models.init import tp_shard, full_model_name
 from pretrain.models.layer_names import canonical_name
 
@@ -175,7 +176,7 @@ def _read_needed(path: Path, layout: dict, needed: set[str], num_layers: int, ol
 def _load(file: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing file of this checkpoint's layout")
-    return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    return load_checkpoint_file(file, map_location="cpu", mmap=True)
 
 
 def _read_mp_rank(path: Path, layout: dict, mp: int) -> tuple[dict[str, _Entry], tuple[int, int, int]]:

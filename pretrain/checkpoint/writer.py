@@ -2,9 +2,10 @@
 
 DeepSpeed's ``save_checkpoint`` decides what each rank saves (its model-parallel rank's model file on data-parallel
 rank 0, its ZeRO partition of the optimizer) and hands every file to the engine's ``checkpoint_engine``. Ours
-(``deepspeed_engine()``, defined with the DeepSpeed adapter) takes a snapshot instead of writing: tensors are copied to host memory right away, so
-training may change the originals as soon as ``save_checkpoint`` returns. ``run()`` (synchronous) or ``start()``
-(background thread) then serialise the snapshots, and record each file's size and sha256 for the commit marker.
+(``deepspeed_engine()``, defined with the DeepSpeed adapter) takes a snapshot instead of writing: tensors are copied
+to host memory right away, so training may change the originals as soon as ``save_checkpoint`` returns. ``run()``
+(synchronous) or ``start()`` (background thread) then serialise the snapshots, and record each file's size and
+sha256 for the commit marker.
 """
 
 from __future__ import annotations

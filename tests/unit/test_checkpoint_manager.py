@@ -1,4 +1,5 @@
-"""CheckpointWriter snapshots and hashes; CheckpointManager verification, fallback and pruning (no process group)."""
+"""CheckpointWriter snapshots and hashes; CheckpointManager verification, fallback, the choice between the run's
+own checkpoints and checkpoint.load, and pruning (no process group)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_resume_falls_back(tmp_p
     with pytest.raises(CheckpointError, match=message) as error:
         manager.verify(newest)
     assert "\n" not in str(error.value) and "step_4" in str(error.value)
-    assert manager.latest_verified() == (older, manager.verify(older))
+    found = manager.resume_point()
+    assert (found.path, found.marker) == (older, manager.verify(older))
+    assert manager.bad_steps == ({4} if (newest / MARKER).exists() else set())  # without one it is not complete
     assert newest.exists()  # refusing loses nothing: the directory stays for a human to look at
 
 
@@ -81,7 +84,7 @@ def test_keep_last_prunes_all_but_the_newest_and_the_permanent_ones(tmp_path):
     for step in range(1, 8):
         _fake_checkpoint(tmp_path, step)
     (tmp_path / "step_8").mkdir()  # uncommitted: neither counted nor pruned here
-    CheckpointManager(tmp_path, keep_last=2, keep_every=3)._prune()
+    CheckpointManager(tmp_path, keep_last=2, keep_every=3)._prune(written=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_6", "step_7", "step_8"]
 
 
@@ -91,3 +94,40 @@ def test_newest_complete_checkpoint_ignores_directories_without_a_marker(tmp_pat
     (tmp_path / "step_9" / MARKER).unlink()
     manager = CheckpointManager(tmp_path)
     assert manager.complete_steps() == [2] and manager.latest() == tmp_path / "step_2"
+
+
+def test_the_runs_own_checkpoints_win_over_checkpoint_load(tmp_path):
+    """checkpoint.load seeds a run; once the run saved its own, a restart (same command) continues from those."""
+    seed = _fake_checkpoint(tmp_path / "other_run", 10)
+    manager = CheckpointManager(tmp_path / "run")
+    first = manager.resume_point(explicit=str(seed))
+    assert first.path == seed and "has no complete checkpoint yet" in first.reason
+    _fake_checkpoint(tmp_path / "run", 12)  # the run's own, e.g. saved on SIGTERM
+    again = manager.resume_point(explicit=str(seed))
+    assert again.path == tmp_path / "run" / "step_12" and "only seeds" in again.reason
+    _flip_byte(again.path / "mp_rank_00_model_states.pt")  # its own do not verify: back to the seed
+    fallback = manager.resume_point(explicit=str(seed))
+    assert fallback.path == seed and "none of the 1 complete checkpoints" in fallback.reason
+
+
+class _FakeDeepSpeed:
+    """Hands one model file to the checkpoint engine the manager sets, as DeepSpeed's save_checkpoint does."""
+
+    checkpoint_engine = None
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+        self.checkpoint_engine.save({"module": {"w": torch.randn(8)}}, f"{root}/{tag}/mp_rank_00_model_states.pt")
+
+
+def test_pruning_after_a_fallback_keeps_the_checkpoint_just_written(tmp_path):
+    """Auto-resume skipped a corrupt step_4 and fell back to step_2; the run's next save is step_3 < 4. With
+    keep_last=1, counting the corrupt step_4 as the newest deleted step_3 right after writing it."""
+    _fake_checkpoint(tmp_path, 2)
+    _truncate(_fake_checkpoint(tmp_path, 4) / "mp_rank_00_model_states.pt")
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    assert manager.resume_point().path == tmp_path / "step_2"
+    manager.save(3, _FakeDeepSpeed(), {"step": 3}, "model: {}\n")
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_4"]  # step_4 left for a human
+    assert manager.verify(tmp_path / "step_3")["step"] == 3 and (tmp_path / "latest").read_text() == "step_3\n"
+    manager.save(4, _FakeDeepSpeed(), {"step": 4}, "model: {}\n")  # the corrupt step is replaced, then counted
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_4"] and not manager.bad_steps
