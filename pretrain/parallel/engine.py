@@ -19,7 +19,9 @@ from megatron.core import parallel_state
 
 from pretrain.config import Config
 from pretrain.optim import build_optimizer
+from pretrain.parallel import grads
 from pretrain.parallel.dims import DeepSpeedMpu, ParallelDims
+from pretrain.parallel.grads import main_grad
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dict:
@@ -32,14 +34,17 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dic
     accumulation = dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)
     on_cuda, pipelined = torch.cuda.is_available(), dims.pipeline > 1
     micro, accumulation = (t.micro_batch_size * accumulation, 1) if pipelined else (t.micro_batch_size, accumulation)
-    return {
+    bf16 = dtype == torch.bfloat16
+    config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro * accumulation * dims.data,
         # DeepSpeed computes the gradient norm only while clipping; a bound no gradient reaches keeps the norm
         # reported when clipping is off.
         "gradient_clipping": cfg.optim.clip_grad or 1e12,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        # immediate_grad_update: BF16_Optimizer (bf16 ZeRO-1) moves each gradient into fp32 as autograd produces
+        # it, also under a pipeline schedule, which bypasses DeepSpeed's backward.
+        "bf16": {"enabled": bf16, "immediate_grad_update": bf16},
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             # Both work inside DeepSpeed's own backward (its reduction buckets and hooks), which a pipeline
@@ -52,6 +57,11 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dic
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if bf16:  # accumulate and all-reduce gradients in fp32: pretrain/parallel/grads.py says why and how per stage
+        config["communication_data_type"] = "fp32"
+        if cfg.parallel.zero_stage > 0:  # ZeRO-0: our own (DeepSpeed 0.19.8 refuses it without its PipelineEngine)
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 class SnapshotCheckpointEngine(TorchCheckpointEngine):
@@ -75,7 +85,7 @@ def build_engine(chunks: list[torch.nn.Module], cfg: Config, dims: ParallelDims,
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     model = chunks[0] if dims.pipeline == 1 else torch.nn.ModuleList(chunks)
     _mark_tied_copy(chunks)
-    _sum_sequence_parallel_grads(model)
+    grads.sum_sequence_parallel_grads(model)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, cfg.optim),
@@ -83,7 +93,12 @@ def build_engine(chunks: list[torch.nn.Module], cfg: Config, dims: ParallelDims,
         mpu=DeepSpeedMpu(),
         dist_init_required=False,
     )
-    _record_fp32_grad_norm(engine)
+    if dtype != torch.bfloat16:
+        grads.record_fp32_grad_norm(engine)
+    elif engine.zero_optimization_stage() == 0:
+        grads.accumulate_zero0_bf16_in_fp32(engine)
+    else:
+        grads.link_bf16_optimizer_grads(engine)
     return engine
 
 
@@ -104,51 +119,6 @@ def _mark_tied_copy(chunks: list[torch.nn.Module]) -> None:
 
 def _pipeline_shared(chunk: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in chunk.parameters() if getattr(p, "pipeline_shared", False)]
-
-
-def _sum_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Under sequence parallelism each TP rank runs the norms (and row-parallel biases) on its own slice of the
-    sequence, so their replicated parameters get partial gradients: sum them over the TP group as each one is
-    computed (megatron-core leaves this to its DDP wrapper, which DeepSpeed replaces). A hook on the gradient,
-    before DeepSpeed's own accumulate hooks, so every ZeRO stage partitions the summed gradient."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return
-
-    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=group)
-        return grad
-
-    for param in model.parameters():
-        if getattr(param, "sequence_parallel", False):
-            param.register_hook(all_reduce)
-
-
-def _record_fp32_grad_norm(engine) -> None:
-    """Clip ZeRO-0 fp32 gradients with a norm that is right under pipelining, and keep the norm.
-
-    DeepSpeed's ``clip_fp32_gradients`` drops the norm it computes, and that norm skips replicated parameters
-    (norms, biases) on every rank whose model-parallel rank is not 0, which under pipelining is every stage
-    but the first. Counted here: each tensor-parallel shard, replicated parameters on TP rank 0, and the tied
-    embedding once (its last-stage copy is marked ``ds_pipe_replicated``); summed over TP x PP.
-    """
-    def clip_and_record():
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        counted = [p.grad.detach().float().norm() ** 2 for p in params
-                   if not getattr(p, "ds_pipe_replicated", False)
-                   and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
-        total = torch.stack(counted).sum() if counted else torch.zeros((), device=engine.device)
-        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-        norm = float(total.sqrt())
-        coefficient = engine.gradient_clipping() / (norm + 1e-6)  # DeepSpeed's (and Megatron's) rule
-        if coefficient < 1:
-            for p in params:
-                p.grad.mul_(coefficient)
-        engine._global_grad_norm = norm
-
-    engine.clip_fp32_gradients = clip_and_record
 
 
 def verify_replicas(engine) -> str:
@@ -237,7 +207,7 @@ class TrainEngine:
             self._sum_pipeline_shared_grads()
         if self.one_replica:  # nothing to reduce, but
             for param in self.engine.module.parameters():  # unused parameters get zero gradients as DeepSpeed's
-                if param.requires_grad and param.grad is None:  # reduction gives them (AdamW decays them then)
+                if param.requires_grad and main_grad(param) is None:  # reduction gives them (AdamW decays them)
                     param.grad = torch.zeros_like(param)
         elif self.pipelined:
             self.engine.allreduce_gradients()  # DeepSpeed's backward does this itself when it runs backward
@@ -250,17 +220,18 @@ class TrainEngine:
         return not skip and math.isfinite(self.grad_norm())
 
     def _gate_optimizer_step(self) -> None:
-        """Put a gate in front of the torch optimizer that every layout's update ends in (ZeRO-0 steps it on the
-        parameters; ZeRO-1/2/3 and the bf16 optimizer on their fp32 partitions, then copy those back into the
-        parameters, unchanged if the step did nothing). DeepSpeed's ZeRO and bf16 optimizers already skip a
+        """Put a gate in front of the torch optimizer that every layout's update ends in (ZeRO-0 fp32 steps it on
+        the parameters; ZeRO-0 bf16 on the fp32 masters, ZeRO-1/2/3 on their fp32 partitions, then copy those back
+        into the parameters, unchanged if the step did nothing). DeepSpeed's ZeRO and bf16 optimizers already skip a
         step whose norm is not finite (their overflow path: no update, gradient buffers cleared) but ZeRO-0 in
         fp32 does not, and none can skip on the caller's word; the gate does both, where every path passes."""
         basic = self.engine.basic_optimizer
         update = basic.step
 
         def gated_step(*args, **kwargs):
-            # The global norm was computed before this call: by _record_fp32_grad_norm (ZeRO-0 fp32) or by the
-            # DeepSpeed optimizer wrapping `basic` (its _global_grad_norm), on every rank alike.
+            # The global norm was computed before this call: by grads.record_fp32_grad_norm (ZeRO-0 fp32) or by
+            # the optimizer wrapping `basic` (its _global_grad_norm; grads.py's step in ZeRO-0 bf16), on every
+            # rank alike.
             wrapper = self.engine.optimizer
             norm = getattr(wrapper, "_global_grad_norm", None) if wrapper is not basic \
                 else self.engine._global_grad_norm
@@ -324,12 +295,12 @@ class TrainEngine:
         over this rank's chunks and the pipeline group, so all copies take the same step and stay equal."""
         copies = [_pipeline_shared(chunk) for chunk in self.chunks]
         for params in zip(*copies):  # the same parameter in each chunk (chunks are built alike)
-            if params[0].grad is None:
+            if main_grad(params[0]) is None:
                 continue
-            total = torch.stack([p.grad for p in params]).sum(0)
+            total = torch.stack([main_grad(p) for p in params]).sum(0)
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
             for p in params:
-                p.grad.copy_(total)
+                main_grad(p).copy_(total)
 
     def _sum_tied_embedding_grads(self) -> None:
         group = parallel_state.get_embedding_group(check_initialized=False)
@@ -338,6 +309,6 @@ class TrainEngine:
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         chunk = self.chunks[0] if first else self.chunks[-1]
         if getattr(chunk, "share_embeddings_and_output_weights", False):
-            weight = chunk.shared_embedding_or_output_weight()
-            if weight.grad is not None:
-                dist.all_reduce(weight.grad, group=group)
+            grad = main_grad(chunk.shared_embedding_or_output_weight())
+            if grad is not None:
+                dist.all_reduce(grad, group=group)

@@ -14,9 +14,10 @@ and adds on the last stage its MLM head h^2 + 3h, the output bias V/t and with N
 head 2h + 2.
 
 Memory per GPU, for the stage whose total is largest (bytes per parameter on that rank, P = its parameters):
-- bf16 (precision auto = bf16, as on GPU): params 2P, grads 2P (DeepSpeed accumulates in the model dtype unless
-  grad_accum_dtype is set; we do not set it), optimizer 12P = fp32 master copy 4 + AdamW m, v 8. fp32 runs: 4P,
-  4P and 8P (no master copy). ZeRO divides the optimizer by DP from stage 1, grads from 2, params at 3.
+- bf16 (precision auto = bf16, as on GPU): params 2P, grads 4P (accumulated and reduced in fp32,
+  pretrain/parallel/grads.py; each backward's bf16 gradient lives only until it is added in), optimizer 12P = fp32
+  master copy 4 + AdamW m, v 8. fp32 runs: 4P, 4P and 8P (no master copy). ZeRO divides the optimizer by DP from
+  stage 1, grads from 2, params at 3.
 - Activations, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), per layer
   and micro-batch b with a heads: s*b*h*(34 + 5*a*s/h) bytes unsharded; TP only s*b*h*(10 + 24/t + 5*a*s/(h*t));
   TP + sequence parallel s*b*h*(34 + 5*a*s/h)/t. The MLP's 16 of the 24 sharded terms is two [s, b, f] bf16
@@ -30,7 +31,7 @@ Memory per GPU, for the stage whose total is largest (bytes per parameter on tha
   cross entropy (the upcast logits and the softmax it keeps for backward).
 
 Not counted, covered by reserving 10% of the GPU (RESERVE): the CUDA context and NCCL buffers, allocator
-fragmentation, DeepSpeed's reduce/all-gather buckets and the transient fp32 gradients of the optimizer step,
+fragmentation, DeepSpeed's reduce/all-gather buckets and the transient bf16 gradient of each backward,
 ZeRO-3's gathered layer parameters, the embedding's activations, dropout savings when dropout is 0.
 """
 
@@ -189,7 +190,7 @@ def estimate(cfg: Config, world_size: int) -> Plan:
     accumulation = dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size)
     vocab, note = padded_vocab(cfg, dims.tensor)
     precision = "fp32" if cfg.train.precision == "fp32" else "bf16"  # auto is bf16 on the GPUs this plans for
-    weight, grad, optim = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+    weight, grad, optim = (2, 4, 12) if precision == "bf16" else (4, 4, 8)
     dp, zero = dims.data, p.zero_stage
     layers_per_stage = m.num_layers // dims.pipeline
     per_layer = layer_activation_bytes(cfg)
