@@ -116,7 +116,7 @@ def sweep(rounds: int, steps: int, work: pathlib.Path) -> list[dict]:
     from pretrain import device as device_layer
     from pretrain.config import load
     from pretrain.models.gpt import flops_per_token
-    from pretrain.train import init_distributed, shutdown
+    from pretrain.parallel.env import init_distributed, shutdown
 
     data = build_data(work, vocab_size=2048, seq_length=128)
     device_layer.apply_cpu_shims()

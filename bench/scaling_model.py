@@ -178,7 +178,7 @@ def config_for(layout: Layout):
 
 def evaluate(layout: Layout) -> Layout | None:
     """Memory (pretrain.parallel.plan) and the step-time estimate; None when the layout is invalid or won't fit."""
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
     from pretrain.models.gpt import flops_per_token
     from pretrain.parallel import plan
 

@@ -98,7 +98,7 @@ def build_ours(shape: str, data: dict, run_dir: pathlib.Path, cuda: bool = False
     """The Trainer `pretrain train` builds, for one process (bf16 at seq 2048 and GPT-2's vocabulary on CUDA)."""
     from pretrain import device as device_layer
     from pretrain.config import load
-    from pretrain.parallel import ParallelDims
+    from pretrain.parallel.dims import ParallelDims
     from pretrain.train import build
 
     layers, hidden, heads, micro = SHAPES[shape]
@@ -228,7 +228,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     data = build_data(out / ("gpu" if cuda else ""), vocab_size=2048, seq_length=GPU_SEQ if cuda else 128)
     from pretrain import device as device_layer
-    from pretrain.train import init_distributed, shutdown
+    from pretrain.parallel.env import init_distributed, shutdown
 
     device_layer.apply_cpu_shims()  # no-op on CUDA
     init_distributed("nccl" if cuda else "gloo")

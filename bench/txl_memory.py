@@ -81,7 +81,7 @@ def evaluate_without_memory(run_dir: pathlib.Path) -> float:
     import torch
 
     from pretrain.evaluate import evaluate
-    from pretrain.inference import load_model
+    from pretrain.inference.loading import load_model
 
     loaded = load_model(run_dir)
     cfg = loaded.cfg

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import pathlib
@@ -36,6 +37,8 @@ from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
 from data_pipeline.integrity import FAST_CHECKSUM, file_digests, packed_members_entry
 from data_pipeline.tokenizer import Tokenizer, encode_documents, init_encode_worker
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -218,9 +221,9 @@ def prepare_shards(
 
     elapsed = max(time.perf_counter() - start, 1e-9)
     how = f"{used_workers} workers" if used_workers else "in-process"
-    print(f"data prepare: {num_docs} documents, {num_sequences * row} tokens, {num_sequences} sequences of "
-          f"{row} tokens, {len(shards)} shard(s) in {out} ({elapsed:.1f}s, {text_bytes / 1e6 / elapsed:.1f} MB/s "
-          f"of text, {encoded_tokens / 1e6 / elapsed:.2f}M tokens/s, {how})", flush=True)
+    logger.info("data prepare: %d documents, %d tokens, %d sequences of %d tokens, %d shard(s) in %s (%.1fs, "
+                "%.1f MB/s of text, %.2fM tokens/s, %s)", num_docs, num_sequences * row, num_sequences, row,
+                len(shards), out, elapsed, text_bytes / 1e6 / elapsed, encoded_tokens / 1e6 / elapsed, how)
     return manifest
 
 

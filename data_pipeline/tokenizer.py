@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pathlib
 import signal
@@ -25,6 +26,8 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _RESERVED_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
@@ -97,8 +100,8 @@ def train_tokenizer(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     symbols = " ".join(special_symbols) or "none"
     sampling = f", sampling {input_sentence_size} lines" if input_sentence_size else ""
-    print(f"tokenizer: training {model_type} vocab={vocab_size} (special: {symbols}{sampling}) on {len(files)} "
-          f"file(s) -> {prefix}.model", flush=True)
+    logger.info("tokenizer: training %s vocab=%d (special: %s%s) on %d file(s) -> %s.model", model_type, vocab_size,
+                symbols, sampling, len(files), prefix)
     start = time.perf_counter()
     # Sentence sampling (input_sentence_size > 0) and shuffling otherwise draw from a random seed: fix it so the
     # same inputs give the same model, hence the same sha256 in every manifest built from it.
@@ -143,10 +146,8 @@ def train_tokenizer(
     sp = tok._sp
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     pathlib.Path(f"{prefix}.vocab").write_text(vocab, encoding="utf-8")
-    print(
-        f"tokenizer: done in {time.perf_counter() - start:.1f}s, vocab={tok.vocab_size}, sha256={tok.sha256[:16]}…",
-        flush=True,
-    )
+    logger.info("tokenizer: done in %.1fs, vocab=%d, sha256=%s…", time.perf_counter() - start, tok.vocab_size,
+                tok.sha256[:16])
     return model_path
 
 

@@ -4,7 +4,7 @@ torchrun, not a launcher of our own: it already restarts failed workers (``--max
 rendezvous and exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, which ``pretrain train`` reads.
 
 Exit code. torchrun as a program exits 1 whenever any worker failed, so a job's 75 ("checkpointed on a signal,
-requeue me", pretrain.ft.REQUEUE_EXIT_CODE) and 86 (hang watchdog, ft.HANG_EXIT_CODE) would both read as a crash.
+requeue me", pretrain.fault_tolerance.REQUEUE_EXIT_CODE) and 86 (hang watchdog, ft.HANG_EXIT_CODE) would both read as a crash.
 We therefore run torchrun's own entry (``torch.distributed.run.parse_args`` + ``run``) inside this process and
 read its accounting of this node's workers: on failure its elastic agent raises ``ChildFailedError`` whose
 ``failures`` hold every failed worker's real exit code (workers not listed exited 0). That is the agent's
@@ -30,11 +30,11 @@ import os
 import signal
 import sys
 
-from pretrain.ft import HANG_EXIT_CODE, REQUEUE_EXIT_CODE
+from pretrain.fault_tolerance import HANG_EXIT_CODE, REQUEUE_EXIT_CODE
 
 logger = logging.getLogger(__name__)
 
-#: Signals that ask the training processes to checkpoint and stop (pretrain.ft.StopSignal); the launcher forwards
+#: Signals that ask the training processes to checkpoint and stop (pretrain.fault_tolerance.StopSignal); the launcher forwards
 #: them itself. torchrun keeps the rest of its default set (SIGTERM,SIGINT,SIGHUP,SIGQUIT).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
@@ -58,7 +58,7 @@ class LocalLaunch:
     max_restarts: int = 0
 
     def __post_init__(self):
-        from pretrain.config import ConfigError
+        from pretrain.errors import ConfigError
 
         if self.nproc < 1:
             raise ConfigError(f"--nproc: must be >= 1, got {self.nproc}")
@@ -178,7 +178,7 @@ def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun_args(launch, pretrain_args)
-    print("launch: torchrun", " ".join(args), flush=True)
+    logger.info("launch: torchrun %s", " ".join(args))
     forwarder = StopForwarder()
     previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
     try:

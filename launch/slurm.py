@@ -68,7 +68,7 @@ class SlurmJob:
         return self.procs_per_node if self.procs_per_node is not None else self.gpus_per_node
 
     def __post_init__(self):
-        from pretrain.config import ConfigError
+        from pretrain.errors import ConfigError
 
         for flag, value in (("--job-name", self.job_name), ("--partition", self.partition), ("--time", self.time),
                             ("--output", self.output), ("--workdir", self.workdir),
@@ -97,7 +97,7 @@ def check_script_text(flag: str, value: str | None) -> None:
     or ``--sbatch-option`` would start a line of its own in the script (another #SBATCH directive, or a shell
     command run on the compute node). Quoted values (paths, overrides) are refused alike: none has a use for one,
     and the error names the flag instead of the job failing later."""
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
 
     if value is None:
         return
@@ -159,7 +159,7 @@ def render(job: SlurmJob, train_args: list[str], python: str = sys.executable) -
 
 def submit(script: str, script_path: Path | None = None) -> str:
     """Write the script (next to the run, for the record) and sbatch it; returns the job id."""
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
 
     if script_path is not None:
         script_path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 300, overrides: list[str] 
     from data_pipeline.shards import prepare_shards
     from data_pipeline.tokenizer import train_tokenizer
     from pretrain import config
-    from pretrain.inference import evaluate_checkpoint, generate_from_checkpoint
+    from pretrain.inference.evaluation import evaluate_checkpoint
+    from pretrain.inference.generation import generate_from_checkpoint
     from pretrain.train import main as train_main
 
     out = Path(out_dir)

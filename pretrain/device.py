@@ -35,6 +35,11 @@ class DeviceInfo:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def name(self) -> str | None:
+        """The GPU's name (e.g. for its peak FLOP/s in the MFU metric); None on CPU."""
+        return torch.cuda.get_device_name(self.device) if self.is_cuda else None
+
 
 def cuda_available() -> bool:
     """Whether this process runs on CUDA. The rest of the code asks here (or takes a ``DeviceInfo``) instead of
@@ -50,7 +55,7 @@ def choose_dtype(precision: str, on_cuda: bool, bf16_supported: bool, device_nam
     CPU (bf16 matmuls are slow there); the fallback is logged. ``bf16`` on a GPU without bf16 is refused with a
     one-line ConfigError; ``fp32`` and ``bf16`` are otherwise taken as asked (CPU bf16 works: the test tier).
     """
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision: expected auto, fp32 or bf16, got {precision!r}")
@@ -236,7 +241,7 @@ _installed: dict[str, Callable[[], None]] = {}
 
 def apply_cpu_shims(exclude: tuple[str, ...] = ()) -> list[str]:
     """Install every shim not in ``exclude``; no-op when CUDA is available. Idempotent. Returns installed names."""
-    if torch.cuda.is_available():
+    if cuda_available():
         return []
     # DeepSpeed picks its accelerator at import; without this it probes for CUDA and warns on every rank.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

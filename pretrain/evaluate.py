@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.models import BatchFn
+from pretrain.models.spec import BatchFn
 
 
 @torch.no_grad()

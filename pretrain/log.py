@@ -27,4 +27,5 @@ def setup_logging(rank: int | None = None) -> None:
     # Libraries (megatron-core, DeepSpeed) log at WARNING and above: their INFO lines repeat per rank and per
     # import, and would bury a one-line config error under banners. Our own loggers log at INFO on rank 0.
     root.setLevel(logging.WARNING)
-    logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for ours in ("pretrain", "data_pipeline", "launch"):
+        logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-from pretrain.train import free_port
+from pretrain.parallel.env import free_port, init_distributed
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
@@ -22,7 +22,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         device.apply_cpu_shims()
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        init_distributed(backend)  # the bring-up `pretrain train` uses (DeepSpeed adopts the group)
         results.put((rank, True, fn(*args)))
     except BaseException:  # report every failure, including SystemExit from CLI code, to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -36,7 +36,8 @@ def run_distributed(fn: Callable, world_size: int, backend: str = "gloo", args: 
     """Run ``fn(*args)`` on ``world_size`` spawned processes sharing one process group.
 
     Each process gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* set, the CPU shims applied and the default group
-    initialised. Returns the per-rank return values (rank order); raises with the failing rank's traceback.
+    initialised by pretrain.parallel.env.init_distributed, as in training. Returns the per-rank return values
+    (rank order); raises with the failing rank's traceback.
     ``fn`` must be importable by name (module level), since processes are spawned.
     """
     ctx = mp.get_context("spawn")

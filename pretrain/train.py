@@ -6,64 +6,56 @@ export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import torch.distributed as dist
 
 from pretrain import device as device_layer
-from pretrain import ft
+from pretrain import fault_tolerance as ft
 from pretrain import models
-from pretrain.config import Config, ConfigError, dump, to_yaml
-from pretrain.parallel import ParallelDims, init_process_groups
+from pretrain.config import Config, dump, to_yaml
+from pretrain.errors import ConfigError
+from pretrain.config.validation import validate_local
+from pretrain.parallel import env, slurm_env
+from pretrain.parallel.dims import ParallelDims
+
+logger = logging.getLogger(__name__)
 
 
 def main(cfg: Config) -> int:
-    """Run training to ``cfg.train.steps``; returns the process exit code (see pretrain.ft)."""
-    from launch import slurm_env
-
+    """Run training to ``cfg.train.steps``; returns the process exit code (pretrain/fault_tolerance/signals.py)."""
     slurm_env.apply()  # a bare `srun pretrain train` task: SLURM_* → RANK/WORLD_SIZE/... (no-op otherwise)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = ParallelDims.from_config(cfg, world_size)  # bad layouts fail here, before any process group exists
-    from pretrain.config.validation import validate_local  # missing paths, ports past 65535: one line, every rank
-
-    validate_local(cfg, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) + 1))
-    device = device_layer.detect(int(os.environ.get("LOCAL_RANK", "0")), cfg.train.precision)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Bad input fails here, on every rank, in one line, before any process group exists: the layout, the
+    # family's own limits, missing paths and ports past 65535.
+    dims = ParallelDims.from_config(cfg, world_size)
+    models.get(cfg.model.family).check_config(cfg)
+    validate_local(cfg, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1))
+    device = device_layer.detect(local_rank, cfg.train.precision)
     device_layer.apply_cpu_shims()
-    init_distributed(device.backend, _startup_timeout_s(cfg))
+    env.init_distributed(device.backend, _startup_timeout_s(cfg))
     try:
         return build(cfg, dims, device).fit()
     finally:
-        shutdown()
-
-
-def shutdown() -> None:
-    """Tear down megatron-core's groups and the default group (without it gloo occasionally aborts at exit)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        env.shutdown()
 
 
 def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     """Build every component for this rank: process groups, data, model, engine → a ready Trainer."""
     # Imported here, after the device layer ran: DeepSpeed picks its accelerator when first imported.
-    import torch
     from megatron.core import parallel_state
 
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint.manager import CheckpointManager
     from pretrain.metrics import MetricsLogger, prometheus
     from pretrain.models.init import init_weights
     from pretrain.parallel.engine import TrainEngine, build_engine
     from pretrain.trainer import Trainer
 
-    init_process_groups(dims, cfg.run.seed, _startup_timeout_s(cfg))
+    env.init_process_groups(dims, cfg.run.seed, _startup_timeout_s(cfg))
     rank = dist.get_rank()
     run_dir = Path(cfg.run.dir)
     if rank == 0:
@@ -81,20 +73,20 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
                        seed=cfg.run.seed, num_workers=cfg.data.num_workers, expected_tokenizer_sha256=tokenizer_sha,
                        on_bad_shard=cfg.data.on_bad_shard)
     spec = models.get(cfg.model.family)
-    train_data, valid_data = (spec.make_readers or shard_readers)(cfg, reader_args)
+    train_data, valid_data = spec.make_readers(cfg, reader_args)
     accumulation = dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size)
     assert train_data.accumulation == accumulation, (train_data.accumulation, accumulation)
 
     # Model and engine.
     vocab_size = models.padded_vocab_size(cfg.model.vocab_size or train_data.manifest["vocab_size"],
                                           cfg.model.make_vocab_size_divisible_by, dims.tensor)
-    chunks = [c.to(device.device) for c in models.build_chunks(spec, cfg.model, cfg.parallel, device.dtype,
-                                                                 vocab_size, document_masks=cfg.data.reset_at_eos)]
+    chunks = [c.to(device.device) for c in spec.build_chunks(cfg.model, cfg.parallel, device.dtype, vocab_size,
+                                                             document_masks=cfg.data.reset_at_eos)]
     init_weights(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)  # same for every layout
     engine = TrainEngine(build_engine(chunks, cfg, dims, device.dtype), chunks, spec.loss_fn,
                          cfg.model.seq_length, cfg.train.micro_batch_size)
     if (timeout_s := _startup_timeout_s(cfg)) is not None:  # also the groups DeepSpeed made with torch's default
-        ft.set_collective_timeouts(timeout_s)
+        env.set_collective_timeouts(timeout_s)
 
     layout = {"tensor": dims.tensor, "pipeline": dims.pipeline, "virtual_pipeline": dims.virtual_pipeline,
               "data": dims.data, "zero_stage": cfg.parallel.zero_stage, "vocab_size": vocab_size,
@@ -102,8 +94,8 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
               "tokenizer_vocab_size": cfg.model.vocab_size or train_data.manifest["vocab_size"]}
     if rank == 0:
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
-        print(f"model {cfg.model.family}: {n_params / 1e6:.2f}M parameters on rank 0 | layout {layout} | "
-              f"device {device.device} {str(device.dtype).removeprefix('torch.')} | run dir {run_dir}", flush=True)
+        logger.info("model %s: %.2fM parameters on rank 0 | layout %s | device %s %s | run dir %s", cfg.model.family,
+                    n_params / 1e6, layout, device.device, str(device.dtype).removeprefix("torch."), run_dir)
     return Trainer(
         cfg, spec, spec.make_batch_fn(cfg, train_data.manifest), engine, train_data, valid_data,
         checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
@@ -111,7 +103,7 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0, exporter=prometheus.from_config(
             cfg, int(os.environ.get("LOCAL_RANK", "0")), rank, layout, to_yaml(cfg),
             tokens_per_sample=cfg.model.seq_length,
-            device_name=torch.cuda.get_device_name(device.device) if device.is_cuda else None)),
+            device_name=device.name)),
         device=device.device,
         accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),
@@ -119,46 +111,8 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     )
 
 
-def shard_readers(cfg: Config, reader_args: dict):
-    """Shuffled, blended training reader and in-order validation reader (GPT, BERT): rows [b, s+1].
-
-    Either is None when its data is not configured (``pretrain eval`` clears data.train).
-    """
-    from data_pipeline.reader import ShardReader
-
-    sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
-    train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
-                             shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, dtype="native",
-                             **reader_args) if sources else None
-    valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
-    for reader in (train_data, valid_data):
-        if reader is not None:
-            _check_data_matches_model(cfg, reader)
-    return train_data, valid_data
-
-
-def init_distributed(backend: str, timeout_s: float | None = None) -> None:
-    """The default process group: from the launcher's environment, or a one-process group of our own.
-    ``timeout_s``: its collective timeout (None: torch's default for the backend)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
-    import deepspeed  # after the device layer chose DeepSpeed's accelerator
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the existing group
-
-
 def _startup_timeout_s(cfg: Config) -> float | None:
     return ft.startup_collective_timeout_s(cfg.ft.step_timeout_s, cfg.ft.startup_timeout_s, cfg.ft.save_timeout_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sha256(path: str) -> str:
@@ -167,11 +121,3 @@ def _sha256(path: str) -> str:
     if not Path(path).is_file():
         raise ConfigError(f"data.tokenizer: file not found: {path}")
     return file_digests(path, ("sha256",))["sha256"]
-
-
-def _check_data_matches_model(cfg: Config, data) -> None:
-    seq = data.manifest["seq_length"]
-    if seq != cfg.model.seq_length:
-        raise ConfigError(f"model.seq_length ({cfg.model.seq_length}) does not match the shards in "
-                          f"{data.sources[0].name} (seq_length {seq})")
-    models.check_vocab_fits(cfg, data.manifest)

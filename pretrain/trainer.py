@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +20,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from pretrain import ft
-from pretrain.checkpoint import CheckpointManager
+from pretrain import device as device_layer
+from pretrain import fault_tolerance as ft
+from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config import Config
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, names
-from pretrain.models import BatchFn, ModelSpec
+from pretrain.models.spec import BatchFn, ModelSpec
 from pretrain.optim import lr_at
 from pretrain.parallel.engine import TrainEngine, verify_replicas
 
@@ -104,8 +104,8 @@ class Trainer:
         self._finish()
         digest = verify_replicas(self.engine.engine)
         if dist.get_rank() == 0:
-            print(f"parameters identical across {self.dp_size} data-parallel replicas (sha256 {digest[:16]})",
-                  flush=True)
+            logger.info("parameters identical across %d data-parallel replicas (sha256 %s)", self.dp_size,
+                        digest[:16])
         return 0
 
     def _finish(self) -> None:
@@ -193,8 +193,8 @@ class Trainer:
             return False
         self.state.loss_spikes += 1
         if self.rank == 0:
-            print(f"warning: step {step}: loss {loss:.4f} is a spike ({z:.1f} standard deviations above the last "
-                  f"{len(window)} steps' mean; ft.spike_policy={cfg.spike_policy})", file=sys.stderr, flush=True)
+            logger.warning("step %d: loss %.4f is a spike (%.1f standard deviations above the last %d steps' mean; "
+                           "ft.spike_policy=%s)", step, loss, z, len(window), cfg.spike_policy)
         return True
 
     def _count_skip(self, step: int, applied: bool, loss: float, grad_norm: float) -> None:
@@ -217,8 +217,8 @@ class Trainer:
                                    f"{what}; stopping (ft.max_skipped_in_a_row={cfg.max_skipped_in_a_row})",
                                    self.rank)
         if self.rank == 0:
-            print(f"warning: step {step}: {what}; update skipped on every rank ({self.state.skipped_steps} skipped "
-                  "so far)", file=sys.stderr, flush=True)
+            logger.warning("step %d: %s; update skipped on every rank (%d skipped so far)", step, what,
+                           self.state.skipped_steps)
 
     def evaluate(self) -> dict[str, Any]:
         """Validation loss and perplexity on data.valid; merged into the step's metrics record."""
@@ -258,10 +258,9 @@ class Trainer:
         self.engine.load_memory_state(train_state.get("memory", []))
         set_rng_state(train_state["rng"])
         if self.rank == 0:
-            # Logged once loaded (a refusal stays the one line of stderr); the stdout line is what scripts parse.
-            logger.info("resumed from %s (step %d, marker sha256 %s): %s", path, self.state.step,
+            # Logged once loaded, so a refusal stays the one line of stderr.
+            logger.info("resumed from %s at step %d (marker sha256 %s): %s", path, self.state.step,
                         found.digest[:16], found.reason)
-            print(f"resumed from {path} at step {self.state.step}", flush=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -270,7 +269,7 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state_all() if device_layer.cuda_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
 
@@ -279,7 +278,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and device_layer.cuda_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "tracker" in state:  # absent after resharding: the new layout's ranks keep their own seeded streams
         get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,5 +1,3 @@
-"""Checkpointing: commit-marker directories (manager), their files read without running code (safe_load)."""
-
-from pretrain.checkpoint.manager import (CheckpointDisagreement, CheckpointError, CheckpointManager,  # noqa: F401
-                                         ResumePoint, read_marker)
-from pretrain.checkpoint.safe_load import load_checkpoint_file  # noqa: F401
+"""Checkpointing. From the bottom up: the on-disk format (format: commit marker, names, fit checks), reading files
+without running code (safe_load), writing one rank's files (writer), saving/committing/verifying/resuming
+(manager), and joining or re-splitting shards for another layout (consolidate, reshard)."""

@@ -10,16 +10,13 @@ and joins the tensor-parallel shards along the one dimension where a shard is sm
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.safe_load import CheckpointError, load_checkpoint_file
-from pretrain.models.layer_names import canonical_name
-
-_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
-
+from pretrain.checkpoint.safe_load import load_checkpoint_file
+from pretrain.errors import CheckpointError
+from pretrain.models.layer_names import canonical_name, layer_index, with_layer_index
 
 def model_file(path: Path, mp_rank: int) -> Path:
     """The DeepSpeed model-states file of one model-parallel rank."""
@@ -69,7 +66,8 @@ def _module_state(file: Path) -> dict[str, torch.Tensor]:
 
 def global_layer_name(key: str, offset: int) -> str:
     """``key`` with its local layer number shifted by the chunk's first global layer."""
-    return _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", key, count=1)
+    index = layer_index(key)
+    return key if index is None else with_layer_index(key, index + offset)
 
 
 def join_tp_shards(name: str, parts: list[torch.Tensor], shape: tuple[int, ...], gated: bool, path: Path) -> torch.Tensor:

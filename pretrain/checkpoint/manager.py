@@ -1,13 +1,6 @@
 """CheckpointManager: ``checkpoints/step_<N>/`` directories that count only once their commit marker exists.
 
-Layout of one checkpoint::
-
-    step_<N>/
-      mp_rank_XX_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed engine (model + ZeRO optimizer)
-      train_state_rank<R>.pt                                       per rank: counters, data position, RNG states
-      config.yaml                                                  the resolved run config
-      COMMITTED                                                    JSON marker, written last by rank 0
-    latest                                                         text: name of the newest complete checkpoint
+The directory layout and the marker are format.py's.
 
 Every rank writes its own files (DeepSpeed decides which; ``CheckpointWriter`` does the writing and hashes
 what it wrote). The marker, with the step, the layout and each file's size and sha256, is written (temp file +
@@ -32,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,21 +33,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pretrain.checkpoint.safe_load import CheckpointError, deepspeed_checkpoint_engine, load_checkpoint_file
-from pretrain.checkpoint.writer import CheckpointWriter, file_sha256
+from pretrain.checkpoint.format import (LATEST, MARKER, STEP_DIR, atomic_write, check_model_fits, complete_steps,
+                                       layout_changes, read_marker, step_path)
+from pretrain.checkpoint.safe_load import load_checkpoint_file
+from pretrain.checkpoint.writer import CheckpointWriter, deepspeed_checkpoint_engine, file_sha256
 from pretrain.config import ModelConfig
-from pretrain.ft import TestFaults
-
-MARKER = "COMMITTED"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-#: Layout keys that DeepSpeed's own loader needs unchanged, with their value in markers written before the key
-#: existed; any difference goes through resharding, which matches parameters by name. The layer spec is one:
-#: Transformer Engine's and the local layers save the same names (pretrain/models/layer_names.py) but may order
-#: parameters differently, and DeepSpeed matches optimizer state by position.
-RESHARD_KEYS = {"tensor": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 1, "zero_stage": 1,
-                "layer_spec": "local"}
-
+from pretrain.errors import CheckpointError
+from pretrain.fault_tolerance import TestFaults
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +57,6 @@ class ResumePoint:
     marker: dict[str, Any]
     digest: str  # sha256 of the commit marker's bytes, which every rank read alike
     reason: str  # why this one, for the log
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
 
 
 def _barrier() -> None:
@@ -139,10 +117,7 @@ class CheckpointManager:
 
     def complete_steps(self) -> list[int]:
         """Steps with a commit marker, ascending."""
-        if not self.root.is_dir():
-            return []
-        steps = [int(m.group(1)) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return sorted(s for s in steps if (self.path(s) / MARKER).is_file())
+        return complete_steps(self.root)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint directory (marker present; contents not verified), or None."""
@@ -150,7 +125,7 @@ class CheckpointManager:
         return self.path(steps[-1]) if steps else None
 
     def path(self, step: int) -> Path:
-        return self.root / f"step_{step}"
+        return step_path(self.root, step)
 
     def resume_point(self, explicit: str = "") -> ResumePoint | None:
         """Collective: the checkpoint to resume from, decided by rank 0 and verified; None to start fresh.
@@ -170,7 +145,7 @@ class CheckpointManager:
             except CheckpointDisagreement:
                 raise
             except CheckpointError as e:
-                self.bad_steps.add(int(_STEP_DIR.match(path.name).group(1)))
+                self.bad_steps.add(int(STEP_DIR.match(path.name).group(1)))
                 if self.rank == 0:
                     logger.warning("skipping checkpoint: %s", e)
                 continue
@@ -294,14 +269,14 @@ class CheckpointManager:
             marker = {"step": step, "world_size": self.world_size, "layout": self.layout,
                       "files": dict(sorted(listed.items())), "saved_at": time.time(),
                       "save_seconds": time.perf_counter() - start}
-            _atomic_write(path / MARKER, json.dumps(marker, indent=1))
-            _atomic_write(self.root / LATEST, path.name + "\n")
+            atomic_write(path / MARKER, json.dumps(marker, indent=1))
+            atomic_write(self.root / LATEST, path.name + "\n")
         self.bad_steps.discard(step)  # a skipped corrupt step_<step> was just replaced by a good one
         if self.rank == 0:
             self._prune(step)
             megabytes = sum(meta["bytes"] for meta in listed.values()) / 1e6
-            print(f"checkpoint {path.name} committed: {megabytes:.1f} MB; rank 0 wrote its share in "
-                  f"{writer.write_seconds:.2f} s", flush=True)
+            logger.info("checkpoint %s committed: %.1f MB; rank 0 wrote its share in %.2f s", path.name, megabytes,
+                        writer.write_seconds)
         self.stats.update(write_s=writer.write_seconds, bytes=sum(m["bytes"] for m in files[self.rank].values()))
         _barrier()
         self.last_commit = {"last_checkpoint_step": step, "last_checkpoint_time": time.time(),
@@ -352,8 +327,6 @@ class CheckpointManager:
         from pretrain.checkpoint.reshard import load_resharded
 
         load_resharded(path, saved, engine, model.num_layers, gated_mlp=model.activation == "swiglu")
-        if self.rank == 0:  # once done: a refusal stays the one line of stderr
-            logger.info("resharded %s into this run's layout (%s)", path, ", ".join(changed))
         state = self._train_state(path, 0)
         state.pop("memory", None)  # lanes and layers sit elsewhere in the new layout: memory restarts empty
         state["rng"].pop("tracker", None)  # model-parallel RNG streams are per TP rank: the new ranks' own seeds
@@ -366,41 +339,3 @@ class CheckpointManager:
         return load_checkpoint_file(file)
 
 
-def layout_changes(saved: dict, layout: dict) -> list[str]:
-    """The RESHARD_KEYS in which a checkpoint's layout (``saved``, its marker's) differs from this run's
-    ``layout``, as "key old->new"; empty when DeepSpeed can load the checkpoint itself."""
-    return [f"{k} {saved.get(k, old)}->{layout.get(k, old)}" for k, old in RESHARD_KEYS.items()
-            if saved.get(k, old) != layout.get(k, old)]
-
-
-def read_marker(path: str | Path) -> dict[str, Any]:
-    """The commit marker of a checkpoint directory; a one-line CheckpointError if it is absent or unreadable."""
-    marker = Path(path) / MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{marker}: unreadable commit marker ({e})") from None
-
-
-#: Model fields that decide parameter shapes: a checkpoint loads only into a config that agrees on all of them.
-SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "activation",
-                "position_embedding", "tie_embeddings", "nsp", "untie_r")
-
-
-def check_model_fits(path: Path, model: ModelConfig, saved_layout: dict, layout: dict) -> None:
-    """Refuse, in one line, a checkpoint whose model (its config.yaml and layout) has other parameter shapes than
-    ``model`` (the padded vocabulary may differ with the tensor size: resharding copies the common rows)."""
-    import yaml
-
-    saved = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model", {})
-    fields = SHAPE_FIELDS + (("seq_length",) if model.position_embedding == "learned_absolute" else ())
-    for key in fields:  # learned positions have one row per position; rope and relative ones have none
-        if key in saved and saved[key] != getattr(model, key):
-            raise CheckpointError(f"{path}: model.{key} is {saved[key]!r} in the checkpoint and "
-                                  f"{getattr(model, key)!r} in this config; it does not fit this model")
-    key = "tokenizer_vocab_size" if saved_layout.get("tensor") != layout.get("tensor") else "vocab_size"
-    if key in saved_layout and key in layout and saved_layout[key] != layout[key]:
-        raise CheckpointError(f"{path}: vocabulary of {saved_layout[key]} in the checkpoint and {layout[key]} in "
-                              "this run (another tokenizer or model.vocab_size?); it does not fit this model")

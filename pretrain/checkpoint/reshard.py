@@ -20,8 +20,8 @@ final norm, output layer).
 
 from __future__ import annotations
 
+import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,11 +30,12 @@ import torch
 from megatron.core import parallel_state
 
 from pretrain.checkpoint.consolidate import global_layer_name, join_tp_shards, model_file
-from pretrain.checkpoint.safe_load import CheckpointError, load_checkpoint_file
+from pretrain.checkpoint.safe_load import load_checkpoint_file
+from pretrain.errors import CheckpointError
 from pretrain.models.init import tp_shard, full_model_name
-from pretrain.models.layer_names import canonical_name
+from pretrain.models.layer_names import canonical_name, layer_index
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+logger = logging.getLogger(__name__)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -117,7 +118,7 @@ def load_resharded(path: Path, saved_layout: dict, engine, num_layers: int, gate
     if torch.distributed.get_rank() == 0:
         note = (f"; padded vocabulary {saved_layout.get('vocab_size')} -> {new_vocab}: common rows copied, "
                 "the others zeroed (weights and AdamW state)" if resize else "")
-        print(f"resharded {path} from layout {saved_layout}{note}", flush=True)
+        logger.info("resharded %s from layout %s into this run's%s", path, saved_layout, note)
 
 
 def _fit(target: _Target, parts: list[torch.Tensor], shape: tuple[int, ...], resize: bool,
@@ -151,7 +152,7 @@ def _read_needed(path: Path, layout: dict, needed: set[str], num_layers: int, ol
     tp, pp = layout["tensor"], layout["pipeline"]
     vpp = layout.get("virtual_pipeline", 1) if pp > 1 else 1
     per_chunk = num_layers // (pp * vpp)
-    mine = {(int(m.group(1)) // per_chunk) % pp for name in needed if (m := _LAYER.search(name))}
+    mine = {(index // per_chunk) % pp for name in needed if (index := layer_index(name)) is not None}
     order = list(dict.fromkeys([*sorted(mine), 0, pp - 1, *range(pp)]))
     found: dict[str, list[_Entry]] = {}
     counters = None

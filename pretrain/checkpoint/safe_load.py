@@ -7,8 +7,7 @@ restricted unpickler (tensors, containers, numbers, strings) plus ``allowed_glob
 our train state and DeepSpeed's own files hold (found by loading real checkpoints of every layout, see the list).
 Anything else is refused with a one-line ``CheckpointError`` naming the file, before any of it runs.
 
-This is the bottom of ``pretrain.checkpoint`` (it imports nothing of ours), so ``CheckpointError`` lives here and
-the manager re-exports it.
+It imports nothing of ours but the errors, so every module that reads checkpoints can use it.
 """
 
 from __future__ import annotations
@@ -23,10 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message is one line and names the directory or file."""
-
+from pretrain.errors import CheckpointError
 
 #: torch's own loader, also while ``safe_torch_load`` has put ours in its place.
 _torch_load = torch.load
@@ -123,16 +119,3 @@ def safe_torch_load() -> Iterator[None]:
         yield
     finally:
         torch.load = original
-
-
-def deepspeed_checkpoint_engine():
-    """A DeepSpeed checkpoint engine that saves like torch's and loads through ``load_checkpoint_file``: set as
-    ``engine.checkpoint_engine`` around ``engine.load_checkpoint`` (DeepSpeed reads every model and ZeRO file
-    through it). Imported lazily: only training needs DeepSpeed."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeLoadCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            return load_checkpoint_file(path, map_location=map_location)
-
-    return SafeLoadCheckpointEngine()

@@ -2,7 +2,7 @@
 
 DeepSpeed's ``save_checkpoint`` decides what each rank saves (its model-parallel rank's model file on data-parallel
 rank 0, its ZeRO partition of the optimizer) and hands every file to the engine's ``checkpoint_engine``. Ours
-(``deepspeed_engine()``, defined with the DeepSpeed adapter) takes a snapshot instead of writing: tensors are copied
+(:func:`deepspeed_checkpoint_engine`) takes a snapshot instead of writing: tensors are copied
 to host memory right away, so training may change the originals as soon as ``save_checkpoint`` returns. ``run()``
 (synchronous) or ``start()`` (background thread) then serialise the snapshots, and record each file's size and
 sha256 for the commit marker.
@@ -14,9 +14,11 @@ import hashlib
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from pretrain.checkpoint.safe_load import load_checkpoint_file
 
 
 def host_copy(item: Any) -> Any:
@@ -56,11 +58,8 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     def deepspeed_engine(self):
-        """An engine to set as ``deepspeed_engine.checkpoint_engine`` for one ``save_checkpoint`` call (imported
-        here: DeepSpeed is not imported by anything that only reads checkpoints or plans a layout)."""
-        from pretrain.parallel.engine import SnapshotCheckpointEngine
-
-        return SnapshotCheckpointEngine(self.add)
+        """An engine to set as ``deepspeed_engine.checkpoint_engine`` for one ``save_checkpoint`` call."""
+        return deepspeed_checkpoint_engine(add=self.add)
 
     def add(self, state: Any, path: Path) -> None:
         """Queue ``state`` for ``path``; its tensors are copied to host memory now."""
@@ -104,3 +103,25 @@ class CheckpointWriter:
             self._thread.join()
         if self._error is not None:
             raise RuntimeError(f"checkpoint write failed: {self._error}") from self._error
+
+
+def deepspeed_checkpoint_engine(add: Callable[[Any, Path], None] | None = None):
+    """DeepSpeed's checkpoint engine, ours: ``save`` hands each file's state to ``add`` (a CheckpointWriter's, which
+    snapshots it and writes it later) instead of writing; ``load`` reads through safe_load (weights only, nothing in
+    the file runs). Set as ``engine.checkpoint_engine`` around one ``save_checkpoint`` or ``load_checkpoint`` call.
+    DeepSpeed is imported here, lazily: nothing that only reads checkpoints or plans a layout needs it."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class CheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            if add is None:
+                raise RuntimeError("this checkpoint engine only loads")
+            add(state_dict, Path(path))
+
+        def load(self, path: str, map_location=None):
+            return load_checkpoint_file(path, map_location=map_location)
+
+        def preserves_storage_sharing(self) -> bool:
+            return False  # the snapshot already copies every tensor (DeepSpeed would clone the model states again)
+
+    return CheckpointEngine()

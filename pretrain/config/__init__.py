@@ -6,11 +6,11 @@ validation.py checks values that need no world size (ParallelDims checks the res
 """
 
 from pretrain.config.loading import dump, from_dict, load, parse_override, to_yaml
-from pretrain.config.sections import (CheckpointConfig, Config, ConfigError, DataConfig, DataSource, FtConfig,
+from pretrain.config.sections import (CheckpointConfig, Config, DataConfig, DataSource, FtConfig,
                                       MetricsConfig, ModelConfig, OptimConfig, ParallelConfig, PrometheusConfig,
                                       RunConfig, TrainConfig)
 from pretrain.config.validation import validate, validate_local
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DataSource", "FtConfig", "MetricsConfig",
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "DataSource", "FtConfig", "MetricsConfig",
            "ModelConfig", "OptimConfig", "ParallelConfig", "PrometheusConfig", "RunConfig", "TrainConfig", "dump",
            "from_dict", "load", "parse_override", "to_yaml", "validate", "validate_local"]

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import yaml
 
-from pretrain.config.sections import Config, ConfigError
+from pretrain.config.sections import Config
+from pretrain.errors import ConfigError
 from pretrain.config.validation import validate
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -11,10 +11,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-class ConfigError(ValueError):
-    """A bad config key or value. The message is one line and names the key."""
-
-
 @dataclass
 class RunConfig:
     #: Run name; used in logs and metric labels.

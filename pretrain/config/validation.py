@@ -7,7 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from pretrain.config.sections import Config, ConfigError
+from pretrain.config.sections import Config
+from pretrain.errors import ConfigError
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -57,9 +58,6 @@ def validate(cfg: Config) -> None:
              f"{p.zero_stage} needs parallel.pipeline 1 (got {p.pipeline}): ZeRO-2/3 partition gradients inside "
              "DeepSpeed's backward, which the pipeline schedule bypasses; use zero_stage 0 or 1 with pipelines")
     _require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
-    _require(m.family != "transformer_xl" or p.activation_checkpointing != "full", "parallel.activation_checkpointing",
-             "full recomputation would run each Transformer-XL segment twice and update its memory twice; use "
-             "none or selective")
     _require(bool(cfg.data.train), "data.train", "is required (a directory written by `pretrain data prepare`)")
     for i, source in enumerate(cfg.data.train):
         _require(bool(source.path), f"data.train[{i}].path", "is required")

@@ -150,7 +150,9 @@ def _device_memory() -> list[tuple[str, str, float]]:
     """CUDA caching-allocator counters (host-side reads, no synchronisation); empty on CPU."""
     import torch
 
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    from pretrain import device
+
+    if not (device.cuda_available() and torch.cuda.is_initialized()):
         return []
     return [(names.PROM_DEVICE_MEM_ALLOCATED, "Device memory held by tensors.", torch.cuda.memory_allocated()),
             (names.PROM_DEVICE_MEM_RESERVED, "Device memory reserved by the caching allocator.",

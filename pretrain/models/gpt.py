@@ -16,8 +16,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from data_pipeline.batches import gpt_batch
 from pretrain import device
-from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig
-from pretrain.models import BatchFn, ModelSpec, register
+from pretrain.config import Config, ModelConfig, ParallelConfig
+from pretrain.errors import ConfigError
+from pretrain.models.spec import BatchFn, Classification, ModelSpec, register
 from pretrain.models.attention import SDPAttention
 from pretrain.models.layer_names import install_canonical_names
 
@@ -243,5 +244,66 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     return 3.0 * (l * (8 * h * h + mlp + 4 * s * h) + 2 * h * vocab_size)
 
 
-SPEC = register(ModelSpec(name="gpt", build=build, make_batch_fn=make_batch_fn, loss_fn=loss_fn,
-                          flops_per_token=flops_per_token))
+class GPTDecoder:
+    """Incremental GPT forward with megatron-core's key/value cache.
+
+    Learned absolute positions end at ``seq_length``: when the cache is full, the newest half of the context is
+    encoded again as a fresh prompt (a sliding window, as full recomputation would see it).
+    """
+
+    def __init__(self, model: torch.nn.Module, seq_length: int, device: torch.device):
+        self.model, self.seq_length, self.device = model, seq_length, device
+        self.context = None
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Encode ``ids`` (the last seq_length of them) from an empty cache; logits [V] of the next token."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        ids = ids[-self.seq_length:]
+        self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=self.seq_length)
+        s = len(ids)
+        # No mask tensor: a fresh cache keeps the layers' causal mask type, so the prompt attends causally.
+        logits = self._forward(torch.tensor([ids], device=self.device),
+                               torch.arange(s, device=self.device)[None], None)
+        self.context.sequence_len_offset = s
+        self.context.enable_decode_mode()
+        self.history = list(ids)
+        return logits
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append ``token``; logits [V] of the one after it."""
+        self.history.append(token)
+        if self.context.sequence_len_offset >= self.seq_length:  # no position left: re-encode the newer half
+            return self.prefill(self.history[-(self.seq_length // 2):])
+        position = self.context.sequence_len_offset
+        logits = self._forward(torch.tensor([[token]], device=self.device),
+                               torch.tensor([[position]], device=self.device), None)
+        self.context.sequence_len_offset += 1
+        return logits
+
+    def _forward(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         inference_context=self.context, runtime_gather_output=True)  # [1, 1, V]: last position
+        return out[0, -1]
+
+
+def classification_frame(tokenizer, ids: list[int], max_length: int) -> list[int]:
+    """A GPT classification example: the text, then EOS (the token every pretraining document ends with)."""
+    return ids[: max_length - 1] + [tokenizer.eos_id]
+
+
+def classification_features(backbone: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The final hidden state (after the final LayerNorm) of the last real token, as GPT-2's classifier takes it;
+    right padding is invisible to it under the causal mask. input_ids [b, s], lengths [b] -> [b, h]."""
+    b, s = input_ids.shape
+    positions = torch.arange(s, device=input_ids.device)[None]  # [1, s]
+    # No mask tensor: the layers are causal by their mask type (pretrain/models/attention.py).
+    hidden = backbone(input_ids=input_ids, position_ids=positions, attention_mask=None)  # [s, b, h]
+    return hidden[lengths - 1, torch.arange(b, device=input_ids.device)]  # [b, h]
+
+
+SPEC = register(ModelSpec(
+    name="gpt", build=build, make_batch_fn=make_batch_fn, loss_fn=loss_fn, flops_per_token=flops_per_token,
+    decoder=lambda model, cfg, device: GPTDecoder(model, cfg.seq_length, device),
+    classification=Classification(frame=classification_frame, features=classification_features),
+    hf_export="gpt2"))

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 
 import torch
 from megatron.core import parallel_state
 
-from pretrain.models.layer_names import canonical_name
+from pretrain.models.layer_names import LAYER, canonical_name, layer_index, with_layer_index
 
-_LAYER = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.")  # GPT: decoder, BERT: encoder
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -42,11 +40,10 @@ def full_model_name(chunk: torch.nn.Module, local_name: str) -> str:
     independent) names, and a last stage's copy of the tied word embedding named as the embedding itself (both
     start from the same values)."""
     local_name = canonical_name(local_name)  # TE and local layers start from the same values
-    match = _LAYER.match(local_name)
-    if match:
-        block, index = match.groups()
-        layer = getattr(chunk, block).layers[int(index)]
-        return f"{block}.layers.{layer.layer_number - 1}." + local_name[match.end():]
+    index = layer_index(local_name)
+    if index is not None:  # decoder.layers.<i> (GPT, Transformer-XL) or encoder.layers.<i> (BERT)
+        block = chunk.get_submodule(LAYER.match(local_name)["prefix"].rstrip("."))
+        return with_layer_index(local_name, block.layers[index].layer_number - 1)
     if local_name == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
         return "embedding.word_embeddings.weight"
     return local_name

@@ -22,6 +22,23 @@ import torch
 
 EXTRA_STATE = "_extra_state"
 
+#: A transformer layer's number inside a parameter name, ``<prefix>layers.<index>.<rest>``, the prefix empty or
+#: ending in "." (``decoder.``, ``encoder.``, ``module.decoder.``): the one pattern that layout-independent init,
+#: consolidation and resharding read and rewrite layer numbers with.
+LAYER = re.compile(r"(?P<prefix>(?:.*?\.)?)layers\.(?P<index>\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number in ``name`` (e.g. 3 in ``decoder.layers.3.mlp.linear_fc1.weight``); None outside layers."""
+    match = LAYER.match(name)
+    return int(match["index"]) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """``name`` with its layer number replaced by ``index`` (``name`` must be a layer's)."""
+    match = LAYER.match(name)
+    return f"{match['prefix']}layers.{index}.{name[match.end():]}"
+
 
 @functools.lru_cache(maxsize=1)
 def _te_to_canonical() -> tuple[tuple[re.Pattern, str], ...]:

@@ -1,3 +1,1 @@
-"""Parallel layout (ParallelDims), process groups (megatron-core parallel_state) and the ZeRO engine adapter."""
-
-from pretrain.parallel.dims import ParallelDims, init_process_groups  # noqa: F401
+"""Parallel layout (dims), process groups (env), the ZeRO engine adapter (engine) and the layout planner (plan)."""

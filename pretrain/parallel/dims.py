@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config
+from pretrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -71,20 +69,6 @@ class ParallelDims:
                 f"train.global_batch_size ({global_batch_size}) is not divisible by train.micro_batch_size "
                 f"({micro_batch_size}) x data-parallel size ({self.data}) = {per_step}")
         return global_batch_size // per_step
-
-
-def init_process_groups(dims: ParallelDims, seed: int, timeout_s: float | None = None) -> None:
-    """megatron-core's TP/PP/DP groups on the default process group, then its per-TP-rank RNG streams.
-    ``timeout_s``: the groups' collective timeout (pretrain.ft.startup_collective_timeout_s); None: 30 min,
-    megatron-core's default."""
-    assert dist.is_initialized() and dist.get_world_size() == dims.world_size
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=dims.tensor, pipeline_model_parallel_size=dims.pipeline,
-        virtual_pipeline_model_parallel_size=dims.virtual_pipeline if dims.virtual_pipeline > 1 else None,
-        distributed_timeout_minutes=math.ceil(timeout_s / 60) if timeout_s else 30)
-    # Same seed on every rank for init of replicated weights; megatron-core offsets the TP stream per TP rank.
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
 
 
 class DeepSpeedMpu:

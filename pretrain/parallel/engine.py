@@ -1,6 +1,6 @@
-"""The one DeepSpeed adapter: ZeRO config generated from ours, the engine built around our model chunks,
-``TrainEngine``, through which the trainer runs every layout without branching on ZeRO stage or pipelining, and
-the checkpoint engine through which DeepSpeed's saves reach our CheckpointWriter.
+"""The one DeepSpeed adapter: ZeRO config generated from ours, the engine built around our model chunks, and
+``TrainEngine``, through which the trainer runs every layout without branching on ZeRO stage or pipelining.
+(DeepSpeed's checkpoint files go through our checkpoint engine, pretrain/checkpoint/writer.py.)
 """
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from megatron.core import parallel_state
 
+from pretrain import device
 from pretrain.config import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel import grads
@@ -32,7 +31,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dic
     """
     t = cfg.train
     accumulation = dims.grad_accumulation_steps(t.micro_batch_size, t.global_batch_size)
-    on_cuda, pipelined = torch.cuda.is_available(), dims.pipeline > 1
+    on_cuda, pipelined = device.cuda_available(), dims.pipeline > 1
     micro, accumulation = (t.micro_batch_size * accumulation, 1) if pipelined else (t.micro_batch_size, accumulation)
     bf16 = dtype == torch.bfloat16
     config = {
@@ -62,21 +61,6 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dic
         if cfg.parallel.zero_stage > 0:  # ZeRO-0: our own (DeepSpeed 0.19.8 refuses it without its PipelineEngine)
             config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
-
-
-class SnapshotCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed checkpoint engine whose ``save`` hands each file's state to ``add`` (a CheckpointWriter's, which
-    copies it to host memory and writes it later) instead of writing; loading is torch's."""
-
-    def __init__(self, add: Callable[[Any, Path], None]):
-        super().__init__()
-        self.add = add
-
-    def save(self, state_dict, path: str) -> None:
-        self.add(state_dict, Path(path))
-
-    def preserves_storage_sharing(self) -> bool:
-        return False  # the snapshot already copies every tensor (DeepSpeed would clone the model states again)
 
 
 def build_engine(chunks: list[torch.nn.Module], cfg: Config, dims: ParallelDims, dtype: torch.dtype):

@@ -41,7 +41,9 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from pretrain.config import Config, ConfigError, ModelConfig
+from pretrain import models
+from pretrain.config import Config, ModelConfig
+from pretrain.errors import ConfigError
 from pretrain.parallel.dims import ParallelDims
 
 GIB = 2**30
@@ -122,12 +124,8 @@ def stage_params(m: ModelConfig, vocab_size: int, tensor: int = 1, pipeline: int
         count += 2 * h  # final LayerNorm
         if not m.tie_embeddings or pipeline > 1:  # tied with PP > 1: the last stage keeps its own copy
             count += vocab_size * h // tensor
-    if m.family == "bert":  # BertModel's extras (pretrain/models/bert.py), replicated but for the output bias
-        count += 4 * h if stage == 0 else 0  # two token-type embeddings, the embedding LayerNorm
-        if stage == pipeline - 1:  # no final LayerNorm; MLM head dense + LayerNorm, output bias; pooler + NSP head
-            count += -2 * h + (h * h + h) + 2 * h + vocab_size // tensor
-            count += (h * h + h) + (2 * h + 2) if m.nsp else 0
-    return count
+    # The family's own extras (BERT's token types, MLM head, pooler, ...), as its spec counts them.
+    return count + models.get(m.family).extra_stage_params(m, vocab_size, tensor, pipeline, stage)
 
 
 def total_params(m: ModelConfig, vocab_size: int) -> int:
@@ -137,11 +135,9 @@ def total_params(m: ModelConfig, vocab_size: int) -> int:
 
 def padded_vocab(cfg: Config, tensor: int) -> tuple[int, str]:
     """The padded vocabulary and a note saying where it came from (config, or the assumed GPT-2 size)."""
-    from pretrain.models import padded_vocab_size
-
     m = cfg.model
     raw = m.vocab_size or DEFAULT_VOCAB
-    padded = padded_vocab_size(raw, m.make_vocab_size_divisible_by, tensor)
+    padded = models.padded_vocab_size(raw, m.make_vocab_size_divisible_by, tensor)
     if m.vocab_size:
         return padded, f"model.vocab_size {raw}, padded"
     return padded, f"assumed {raw} padded: model.vocab_size 0 means the tokenizer's; set --model.vocab_size=N"
@@ -295,7 +291,8 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0, out: Tex
     """Print the plan; return 0 when it fits. Raises ConfigError (one line, exit 2) for bad or oversized layouts."""
     if not gpu_memory_gib > 0:
         raise ConfigError(f"--gpu-memory-gib: must be > 0, got {gpu_memory_gib}")
-    plan = estimate(cfg, world_size)  # invalid layouts fail here, before anything is printed
+    models.get(cfg.model.family).check_config(cfg)  # as `pretrain train` would, before anything is printed
+    plan = estimate(cfg, world_size)  # invalid layouts fail here too
     out = out or sys.stdout
     print(format_table(plan, gpu_memory_gib), file=out, flush=True)
     usable = gpu_memory_gib * (1 - RESERVE)

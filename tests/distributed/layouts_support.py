@@ -10,16 +10,14 @@ from pretrain.testing import run_distributed
 def train_layouts(layouts: dict[str, tuple[str, list[str]]], data_args: list[str], root: str) -> dict[str, dict]:
     """In a spawned process group: train each layout {name: (config, overrides)} in turn; rank 0 returns
     {name: {"metrics": {step: record}, "run_dir": its run directory}}."""
-    import deepspeed
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from pretrain import device
     from pretrain.config import load
-    from pretrain.parallel import ParallelDims
+    from pretrain.parallel.dims import ParallelDims
     from pretrain.train import build
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     results = {}
     for i, (name, (config, overrides)) in enumerate(layouts.items()):
         run_dir = f"{root}/{dist.get_world_size()}-{i}"

@@ -62,14 +62,13 @@ def one_step_grads(jobs: dict[str, tuple[list[str], str]], data_args: list[str],
     """In a spawned process group: each job's gradients after one step's forward/backward on the first global
     batch, reduced over data parallelism (rank 0 returns {job: {parameter name: float64 array}}); for a "nan" job,
     what a step with NaN gradients and the step after it did ({check: 0-d array})."""
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
     from megatron.core import parallel_state
 
     from pretrain import device
     from pretrain.config import load
-    from pretrain.parallel import ParallelDims
+    from pretrain.parallel.dims import ParallelDims
     from pretrain.train import build
 
     def grads_now(model) -> dict[str, torch.Tensor]:
@@ -98,7 +97,6 @@ def one_step_grads(jobs: dict[str, tuple[list[str], str]], data_args: list[str],
         checks["next_changed"] = not all(torch.equal(p, before[k]) for k, p in model.named_parameters())
         return {k: torch.tensor(float(v)) for k, v in checks.items()}
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     results = {}
     for i, (name, (overrides, mode)) in enumerate(jobs.items()):
         cfg = load(str(TINY_CONFIG), [*data_args, f"--run.dir={root}/{dist.get_world_size()}-{i}", *COMMON,

@@ -61,7 +61,7 @@ def fp32_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
     shards joined: what resharding reads (its reader, per ZeRO-0 / ZeRO-1 file format)."""
     import deepspeed  # noqa: F401  (the allow-list names DeepSpeed's types once it is imported)
 
-    from pretrain.checkpoint import read_marker
+    from pretrain.checkpoint.format import read_marker
     from pretrain.checkpoint.consolidate import join_tp_shards
     from pretrain.checkpoint.reshard import _read_mp_rank
 

@@ -26,11 +26,11 @@ RUN_ARGS = [f"--train.steps={STEPS}", "--train.log_every=1", "--checkpoint.every
             "--checkpoint.keep_last=3", "--parallel.zero_stage=1", "--train.global_batch_size=32",
             "--train.micro_batch_size=8", "--model.num_layers=2"]
 SAVE_DELAY_S = 0.5  # widens the window between a checkpoint's files and its marker
-_RESUMED = re.compile(r"^resumed from (\S+) at step (\d+)$", re.M)
+_RESUMED = re.compile(r"resumed from (\S+) at step (\d+) ")
 
 
 def _launch(shakespeare, run_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
-    from pretrain.ft import TEST_FAULTS_ENV
+    from pretrain.fault_tolerance import TEST_FAULTS_ENV
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
            "train", str(TINY_CONFIG), *RUN_ARGS, *extra, *data_overrides(shakespeare, run_dir)]
@@ -55,7 +55,7 @@ def _committed(checkpoints: Path) -> list[int]:
 
 
 def _resumed_step(line: str) -> int | None:
-    match = _RESUMED.match(line.strip())
+    match = _RESUMED.search(line)
     return int(match.group(2)) if match else None
 
 

@@ -112,7 +112,7 @@ def test_checkpoint_consolidates_to_the_single_process_weights(runs, name):
     out: DeepSpeed's own tool reassembles its partitions."""
     import torch
 
-    from pretrain.checkpoint import read_marker
+    from pretrain.checkpoint.format import read_marker
     from pretrain.checkpoint.consolidate import consolidated_state_dict, model_file
 
     bf16 = name.startswith("bf16")

@@ -11,25 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pretrain.config import load
 from pretrain.metrics import names
+from pretrain.parallel.env import free_port
 from pretrain.metrics.prometheus import from_config
 from pretrain.testing import run_distributed
 from tests.conftest import TINY_CONFIG
-
-
-def _free_port_pair() -> int:
-    """A port P with P and P + 1 free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no free pair of ports")
 
 
 def _start_exporter(base_port: int) -> float | None:
@@ -55,4 +40,4 @@ def _start_exporter(base_port: int) -> float | None:
 
 
 def test_taken_port_counted_on_the_rank_that_serves():
-    assert run_distributed(_start_exporter, world_size=2, args=(_free_port_pair(),), timeout_s=300) == [1.0, None]
+    assert run_distributed(_start_exporter, world_size=2, args=(free_port(count=2),), timeout_s=300) == [1.0, None]

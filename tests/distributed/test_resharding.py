@@ -68,19 +68,18 @@ def train_loaded(jobs: dict[str, tuple[str, list[str]]], data_args: list[str], r
     build each model in ``direct`` {name: (config, overrides, checkpoint)} and hand it the checkpoint through
     load_resharded itself (the manager would refuse a differing config first). For those, rank 0 returns
     {"error": the CheckpointError's message} or this rank's word embedding and its AdamW exp_avg."""
-    import deepspeed
     from megatron.core import parallel_state
 
     from pretrain import device
-    from pretrain.checkpoint import CheckpointError, read_marker
+    from pretrain.errors import CheckpointError
+    from pretrain.checkpoint.format import read_marker
     from pretrain.checkpoint.reshard import load_resharded
     from pretrain.config import load
-    from pretrain.parallel import ParallelDims
+    from pretrain.parallel.dims import ParallelDims
     from pretrain.train import build
     from tests.distributed.layouts_support import train_layouts
 
     results = train_layouts(jobs, data_args, f"{root}/loaded")
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     for name, (config, overrides, checkpoint) in direct.items():
         cfg = load(config, [*data_args, f"--run.dir={root}/direct", *overrides])
         trainer = build(cfg, ParallelDims.from_config(cfg, 1), device.detect(0, cfg.train.precision))
@@ -120,7 +119,7 @@ def weights(checkpoint: Path, shapes_from: Path) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights by global name, read without pretrain.checkpoint.reshard: DeepSpeed's
     zero_to_fp32 for ZeRO-3 (TP = PP = 1 here), else consolidate.py joining the module files into the names and
     shapes of ``shapes_from`` (a TP = PP = 1, ZeRO < 3 checkpoint of the same model)."""
-    from pretrain.checkpoint import read_marker
+    from pretrain.checkpoint.format import read_marker
     from pretrain.checkpoint.consolidate import consolidated_state_dict, model_file
 
     layout = read_marker(checkpoint)["layout"]

@@ -10,7 +10,6 @@ checkpoints there, rank 1 cannot see or reads another commit marker, and both ra
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from tests.unit.test_checkpoint_manager import _fake_checkpoint, _flip_byte
 
@@ -20,7 +19,8 @@ def choose(dirs_by_rank: list[dict[str, str]]) -> dict[str, dict]:
     of ``checkpoints``; {name: {"path", "digest", "bad_steps"} or {"error": type and message}} on every rank."""
     import torch.distributed as dist
 
-    from pretrain.checkpoint import CheckpointError, CheckpointManager
+    from pretrain.errors import CheckpointError
+    from pretrain.checkpoint.manager import CheckpointManager
 
     results = {}
     for name, directory in dirs_by_rank[dist.get_rank()].items():

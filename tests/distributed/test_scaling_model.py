@@ -73,22 +73,27 @@ def _install_counter(log: list, counting: list) -> None:
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
+    # The worker's bring-up (pretrain.parallel.env) let DeepSpeed adopt the group already, and its backend bound
+    # two collectives then: bind them again, to the counted ones.
+    from deepspeed.comm import comm as ds_comm
+
+    if ds_comm.cdb is not None:
+        ds_comm.cdb.all_gather_function = ds_comm.cdb.get_all_gather_function()
+        ds_comm.cdb.reduce_scatter_function = ds_comm.cdb.get_reduce_scatter_function()
 
 
 def count_step_payloads(data_args: list[str], root: str) -> dict[str, dict]:
     """In a 2-rank process group: per case, this rank's payload bytes per kind over one step, and model facts."""
     log, counting = [], [False]
-    _install_counter(log, counting)  # before DeepSpeed's comm backend takes its references
-    import deepspeed
+    _install_counter(log, counting)
     from megatron.core import parallel_state
 
     import pretrain.parallel.engine as engine_module
     from pretrain import device
     from pretrain.config import load
-    from pretrain.parallel import ParallelDims
+    from pretrain.parallel.dims import ParallelDims
     from pretrain.train import build
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     our_config = engine_module.deepspeed_config
     results = {}
     for name, (overrides, zero_keys) in CASES.items():

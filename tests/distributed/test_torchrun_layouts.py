@@ -18,8 +18,8 @@ def test_torchrun_two_ranks_zero_stage(stage, shakespeare, tmp_path):
                      *data_overrides(shakespeare, tmp_path), torchrun_nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The trainer hashes every parameter on each rank at the end and fails the run if replicas differ.
-    assert "parameters identical across 2 data-parallel replicas" in result.stdout, result.stdout[-2000:]
-    assert f"'data': 2, 'zero_stage': {stage}" in result.stdout
+    assert "parameters identical across 2 data-parallel replicas" in result.stderr, result.stderr[-2000:]
+    assert f"'data': 2, 'zero_stage': {stage}" in result.stderr
     metrics = read_metrics(tmp_path)
     assert sorted(metrics) == list(range(1, STEPS + 1))
     assert metrics[STEPS]["tokens_total"] == STEPS * 2 * 16 * 128  # DP=2 x micro batch 16 x 128 tokens

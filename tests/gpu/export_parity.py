@@ -22,7 +22,7 @@ def parity(checkpoint: Path, export_dir: Path, corpus_jsonl: Path) -> dict:
     import transformers
 
     from data_pipeline.batches import causal_mask
-    from pretrain.inference import load_model, tokenizer_for
+    from pretrain.inference.loading import load_model, tokenizer_for
 
     torch.set_float32_matmul_precision("highest")  # no TF32: fp32 means fp32 on both sides
     loaded = load_model(checkpoint)

@@ -55,7 +55,7 @@ def our_vs_hf(checkpoint: Path, export_dir: Path, corpus_jsonl: Path) -> dict:
     import torch
     import transformers
 
-    from pretrain.inference import load_model, tokenizer_for
+    from pretrain.inference.loading import load_model, tokenizer_for
     from data_pipeline.batches import causal_mask
 
     loaded = load_model(checkpoint)
@@ -103,16 +103,16 @@ def reloaded_accuracy(output: Path) -> float:
     """Held-out accuracy of a fine-tuned classifier reloaded from its output directory (pretrain.finetune's
     load_classifier), on the split finetune.json records. Run in its own process, as :func:`our_vs_hf`."""
     from data_pipeline.tokenizer import Tokenizer
-    from pretrain import finetune
+    from pretrain.finetune import classifier, data
 
-    model, record = finetune.load_classifier(output)
-    texts, labels = finetune.read_examples(record["data"], record["text_key"], record["label_key"])
-    _, targets = finetune.class_ids(labels, record["data"], record["label_key"])
-    _, valid = finetune.split_indices(len(texts), record["valid_fraction"], record["seed"])
+    model, record = classifier.load_classifier(output)
+    texts, labels = data.read_examples(record["data"], record["text_key"], record["label_key"])
+    _, targets = data.class_ids(labels, record["data"], record["label_key"])
+    _, valid = data.split_indices(len(texts), record["valid_fraction"], record["seed"])
     tokenizer = Tokenizer(output / "tokenizer.model")  # saved with the classifier
-    rows = finetune.encode([texts[i] for i in valid], tokenizer, record["family"], record["max_length"])
+    rows = classifier.encode([texts[i] for i in valid], tokenizer, record["family"], record["max_length"])
     device = next(model.parameters()).device
-    return finetune.accuracy(model, rows, [targets[i] for i in valid], tokenizer.pad_id, device)
+    return classifier.accuracy(model, rows, [targets[i] for i in valid], tokenizer.pad_id, device)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_auto_resume_skips_a_truncated_checkpoint_and_pruning_keeps_what_it_wrot
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     warning = next(line for line in result.stderr.splitlines() if "skipping checkpoint" in line)
     assert "WARNING" in warning and "step_4" in warning and "truncated" in warning, warning
-    assert f"resumed from {checkpoints / 'step_2'} at step 2" in result.stdout
+    assert f"resumed from {checkpoints / 'step_2'} at step 2" in result.stderr
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_3", "step_4"]  # step_4: for a human
     assert (checkpoints / "step_3" / "COMMITTED").is_file() and (checkpoints / "latest").read_text() == "step_3\n"
 
@@ -90,7 +90,7 @@ def _steps_logged(run_dir: Path) -> int:
 def test_a_restart_continues_from_its_own_checkpoint_not_checkpoint_load(shakespeare, saved_run, tmp_path):
     """Seeded from another run's step_2 (checkpoint.load), stopped by SIGTERM later (saves, exits 75); the very
     same command again continues from the run's own newer checkpoint (going back to step_2 lost the progress)."""
-    from pretrain.ft import REQUEUE_EXIT_CODE
+    from pretrain.fault_tolerance import REQUEUE_EXIT_CODE
 
     run_dir, seed = tmp_path / "run", saved_run / "checkpoints" / "step_2"
     command = [sys.executable, "-m", "pretrain", "train", str(TINY_CONFIG), *RUN_ARGS, "--train.steps=12",
@@ -104,16 +104,16 @@ def test_a_restart_continues_from_its_own_checkpoint_not_checkpoint_load(shakesp
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, stdout[-3000:] + stderr[-3000:]
-    assert f"resumed from {seed} at step 2" in stdout
+    assert f"resumed from {seed} at step 2" in stderr
     assert "checkpoint.load, since" in stderr and "has no complete checkpoint yet" in stderr, stderr[-3000:]
     stopped = _steps_logged(run_dir)
     assert stopped >= 4 and (run_dir / "checkpoints" / f"step_{stopped}" / "COMMITTED").is_file()
 
     again = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped}'} at step {stopped}" in again.stdout
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped}'} at step {stopped}" in again.stderr
     assert "the newest complete checkpoint of this run" in again.stderr and "only seeds" in again.stderr
-    assert str(seed) not in again.stdout
+    assert f"resumed from {seed}" not in again.stderr
 
 
 class _TouchFile:

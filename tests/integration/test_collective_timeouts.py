@@ -13,20 +13,21 @@ from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides
 # One process of `pretrain train`'s own bring-up: main()'s init_distributed, then build() (groups, engine).
 SCRIPT = r"""
 import json, sys
-from pretrain import config, device, ft, train
-from pretrain.parallel import ParallelDims
+from pretrain import config, device, train
+from pretrain.parallel import env
+from pretrain.parallel.dims import ParallelDims
 from torch.distributed import distributed_c10d as c10d
 
 cfg = config.load(sys.argv[1], sys.argv[2:])
 info = device.detect(0, cfg.train.precision)
 device.apply_cpu_shims()
-train.init_distributed(info.backend, train._startup_timeout_s(cfg))
+env.init_distributed(info.backend, train._startup_timeout_s(cfg))
 trainer = train.build(cfg, ParallelDims.from_config(cfg, 1), info)
-timeouts = [ft._group_timeout(group).total_seconds() for group in c10d._world.pg_map]
+timeouts = [env._group_timeout(group).total_seconds() for group in c10d._world.pg_map]
 trainer.watchdog.close()
 print(json.dumps({"timeouts": timeouts, "expected": train._startup_timeout_s(cfg),
                   "after_first_step": trainer.watchdog.collective_timeout_s()}))
-train.shutdown()
+env.shutdown()
 """
 
 

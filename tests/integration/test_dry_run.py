@@ -61,7 +61,7 @@ def test_dry_run_builds_nothing_distributed():
     """No process group, no DeepSpeed, no model build, no data read: the config's data paths need not exist."""
     script = (
         "import sys, torch.distributed as dist\n"
-        "from pretrain.__main__ import main\n"
+        "from pretrain.cli import main\n"
         f"code = main(['train', {G13B!r}, '--dry-run', '--world-size', '64', '--data.train=/nonexistent'])\n"
         "assert code == 0, code\n"
         "assert not dist.is_initialized()\n"

@@ -87,17 +87,18 @@ def test_rope_gpt_is_refused_with_one_line(shakespeare, tmp_path):
 
 @pytest.mark.parametrize("override, key", [("activation", "swiglu"), ("position_embedding", "rope")])
 def test_gpt2_compatibility_check_names_the_key(override, key):
-    from pretrain.config import Config, ConfigError
-    from pretrain.export import check_gpt2_compatible
+    from pretrain.config import Config
+    from pretrain.errors import ConfigError
+    from pretrain.hf import gpt2
 
     cfg = Config()
     setattr(cfg.model, override, key)
     with pytest.raises(ConfigError, match=f"^model.{override}={key}: "):
-        check_gpt2_compatible(cfg)
+        gpt2.check(cfg)
 
 
 def test_split_qkv_follows_megatron_group_layout():
-    from pretrain.export import split_qkv
+    from pretrain.hf.common import split_qkv
 
     # 4 heads in 2 key/value groups, head size 1: megatron-core's rows are [q0 q1 k0 v0 | q2 q3 k1 v1].
     weight = torch.arange(8.0)[:, None].expand(8, 3)  # [8, 3], row r holds r

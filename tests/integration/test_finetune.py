@@ -45,7 +45,7 @@ def test_finetuned_gpt_classifies_held_out_passages_well_above_chance(shakespear
 
 
 def test_csv_integer_labels_and_seeded_split(tmp_path):
-    from pretrain.finetune import class_ids, read_examples, split_indices
+    from pretrain.finetune.data import class_ids, read_examples, split_indices
 
     path = tmp_path / "data.csv"
     path.write_text('body,y\n"a, b",10\nc,2\nd,2\n"e\nf",-1\n')

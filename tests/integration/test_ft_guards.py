@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.ft import HANG_EXIT_CODE, NONFINITE_EXIT_CODE
+from pretrain.fault_tolerance import HANG_EXIT_CODE, NONFINITE_EXIT_CODE
 from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, read_metrics, run_cli
 
 SMALL = ["--model.num_layers=2", "--model.hidden_size=64", "--train.micro_batch_size=4", "--train.eval_batches=2"]
@@ -69,7 +69,8 @@ def assert_guarded_run(result: subprocess.CompletedProcess, run_dir: Path) -> No
     assert metrics[SPIKE_STEP]["loss"] > 1000 * 6 and metrics[SPIKE_STEP]["loss_spikes"] == 1
     assert all(math.isfinite(metrics[s]["loss"]) for s in metrics if s not in (NAN_STEP, SPIKE_STEP))
     assert [metrics[s]["skipped_steps"] for s in range(1, STEPS + 1)] == [0, 0, 1, 1, 2, 2]
-    assert f"warning: step {NAN_STEP}: non-finite loss (nan); update skipped on every rank" in result.stderr
+    assert f"WARNING pretrain.trainer: step {NAN_STEP}: non-finite loss (nan); update skipped on every rank" \
+        in result.stderr
     # The skipped steps changed nothing, not a parameter, not a moment, not Adam's step count ...
     assert changed(run_dir, NAN_STEP - 1, NAN_STEP) == []
     assert changed(run_dir, SPIKE_STEP - 1, SPIKE_STEP) == []
@@ -91,7 +92,7 @@ def test_nan_and_spike_skipped_zero_data_parallel_2(zero_stage, shakespeare, tmp
     result = run_cli("train", str(TINY_CONFIG), *GUARD_ARGS, f"--parallel.zero_stage={zero_stage}",
                      *data_overrides(shakespeare, tmp_path), env=GUARD_FAULTS, torchrun_nproc=2, timeout=300)
     assert_guarded_run(result, tmp_path)
-    assert "parameters identical across 2 data-parallel replicas" in result.stdout
+    assert "parameters identical across 2 data-parallel replicas" in result.stderr
 
 
 @pytest.mark.slow

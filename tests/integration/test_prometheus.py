@@ -11,7 +11,6 @@ series carries a step label, and a copy of monitoring/prometheus/pretrain.rules.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.ft import HANG_EXIT_CODE
+from pretrain.fault_tolerance import HANG_EXIT_CODE
 from pretrain.metrics import names
+from pretrain.parallel.env import free_port
 from tests.conftest import REPO, TINY_CONFIG, data_overrides, read_metrics, run_cli
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
@@ -31,22 +31,6 @@ SERVER_SCRIPT = REPO / "scripts" / "prometheus_server.sh"
 RULES = REPO / "monitoring" / "prometheus" / "pretrain.rules.yml"
 HANG_STEP, CHECKPOINT_EVERY = 8, 4
 LAST_LOGGED = HANG_STEP - 1
-
-
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free on 127.0.0.1 (rank r serves on P + r)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no free pair of ports")
 
 
 def fast_stall_rules(out: Path) -> Path:
@@ -82,7 +66,7 @@ class Prometheus:
 @pytest.fixture
 def prometheus(tmp_path):
     """A Prometheus server scraping ranks 0 and 1 of a run that serves from the returned base port."""
-    port = free_port_pair()
+    port = free_port(count=2)
     server_dir = tmp_path / "prometheus"
     server_dir.mkdir()
     rules = fast_stall_rules(server_dir / "rules.yml")
@@ -93,7 +77,7 @@ def prometheus(tmp_path):
         "scrape_configs": [{"job_name": "pretrain",
                             "static_configs": [{"targets": [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]}]}],
     }))
-    web_port = free_port_pair()
+    web_port = free_port(count=2)
     started = subprocess.run(["bash", str(SERVER_SCRIPT), "start", str(server_dir), str(config), str(web_port)],
                              capture_output=True, text=True, timeout=600)
     assert started.returncode == 0, started.stdout + started.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def test_loss_falls_metrics_and_checkpoint(reference_run):
 
 
 def _start(shakespeare, run_dir: Path, faults: str = "") -> subprocess.Popen:
-    from pretrain.ft import TEST_FAULTS_ENV
+    from pretrain.fault_tolerance import TEST_FAULTS_ENV
 
     cmd = [sys.executable, "-m", "pretrain", "train", str(TINY_CONFIG), *RUN_ARGS,
            *data_overrides(shakespeare, run_dir)]
@@ -70,15 +71,14 @@ def test_kill_after_checkpoint_then_rerun_continues(shakespeare, reference_run, 
     proc.wait()
     resumed = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, *data_overrides(shakespeare, tmp_path))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    line = next(l for l in resumed.stdout.splitlines() if l.startswith("resumed from"))
-    step = int(line.rsplit(" ", 1)[1])
-    assert 20 <= step < STEPS, line
+    step = int(re.search(r"resumed from \S+ at step (\d+)", resumed.stderr).group(1))
+    assert 20 <= step < STEPS, resumed.stderr[-3000:]
     _assert_same_trajectory(tmp_path, reference_run, from_step=step)
 
 
 def test_sigterm_saves_exits_requeue_code_and_resumes(shakespeare, reference_run, tmp_path):
     """SIGTERM, then a second SIGTERM while the checkpoint it asked for is being written (a 3 s save window)."""
-    from pretrain.ft import REQUEUE_EXIT_CODE
+    from pretrain.fault_tolerance import REQUEUE_EXIT_CODE
 
     proc = _start(shakespeare, tmp_path, faults="save_delay_s=3")
     checkpoints = tmp_path / "checkpoints"

@@ -13,7 +13,8 @@ from data_pipeline import DataError
 from data_pipeline.batches import bert_batch, bert_token_ids
 from pretrain import models
 from pretrain.config import Config, ModelConfig, ParallelConfig, RunConfig
-from pretrain.models import bert, gpt
+from pretrain.models import gpt
+from pretrain.models.bert import model as bert
 from pretrain.testing import run_distributed
 
 CPU = torch.device("cpu")
@@ -50,7 +51,8 @@ def make_batch(b: int = 8, indices=None, **run) -> dict:
 def test_registered_as_bert():
     spec = models.get("bert")
     assert spec is bert.SPEC and spec.build is bert.build and spec.loss_fn is bert.loss_fn
-    assert spec.make_readers is None  # shuffled shard readers, as GPT
+    assert spec.make_readers is models.get("gpt").make_readers  # shuffled shard readers, as GPT
+    assert spec.hf_export == "bert" and spec.decoder is None  # exported as BertForPreTraining; generates nothing
 
 
 def test_batch_fn_shapes_dtypes_and_keys():

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, CheckpointManager
-from pretrain.checkpoint.manager import MARKER
+from pretrain.errors import CheckpointError
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.format import MARKER
 from pretrain.checkpoint.writer import CheckpointWriter, file_sha256
 
 

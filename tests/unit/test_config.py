@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pretrain import config as C
-from pretrain.config import Config, ConfigError, dump, load
+from pretrain.config import Config, dump, load
+from pretrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "debug" / "gpt_tiny.yaml"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.errors import CheckpointError
 from pretrain.checkpoint.consolidate import global_layer_name, join_tp_shards, consolidated_state_dict, model_file
 from pretrain.models.init import tp_shard
 

@@ -179,16 +179,18 @@ def _mixed_corpus(path):
     return path, len(docs)
 
 
-def test_shards_identical_for_any_worker_count(tiny, tmp_path, monkeypatch, capsys):
+def test_shards_identical_for_any_worker_count(tiny, tmp_path, monkeypatch, caplog):
     corpus, num_docs = _mixed_corpus(tmp_path / "mixed.jsonl")
     monkeypatch.setattr(shards_module, "CHUNK_DOCS", 3)  # ~11 tasks, so workers really share the input
     monkeypatch.setattr(shards_module, "INFLIGHT_PER_WORKER", 1)  # and the bounded in-flight window wraps
     results = {}
     for workers in (0, 2, 3):
         out = tmp_path / f"w{workers}"
-        manifest = prepare_shards([str(corpus)], str(tiny["tokenizer"]), str(out), 16, samples_per_shard=3,
-                                  sequences_per_sample=4, workers=workers)
-        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="data_pipeline.shards"):
+            manifest = prepare_shards([str(corpus)], str(tiny["tokenizer"]), str(out), 16, samples_per_shard=3,
+                                      sequences_per_sample=4, workers=workers)
+        summary = caplog.records[-1].getMessage()
         assert f"{num_docs} documents" in summary and "tokens/s" in summary and "MB/s" in summary
         assert ("in-process" if workers == 0 else f"{workers} workers") in summary
         results[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
@@ -241,7 +243,7 @@ def test_cli_bundled_valid_split_and_errors(tiny, tmp_path, capsys):
     assert args.func(args, []) == 0
     assert json.loads((tmp_path / "valid" / "manifest.json").read_text())["num_documents"] == 3
     capsys.readouterr()
-    from pretrain.__main__ import main
+    from pretrain.cli import main
 
     # Bad input through the real command: one `error:` line naming the file, exit code 2.
     assert main(["data", "prepare", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer",

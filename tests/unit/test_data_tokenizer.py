@@ -84,12 +84,12 @@ def test_byte_fallback_off_gives_unk(corpus, tmp_path, default_tok):
     assert tok.unk_id not in default_tok.encode("✓")
 
 
-def test_progress_lines_and_verbose_log(corpus, tmp_path, capfd):
-    train_tokenizer([corpus], str(tmp_path / "q"), VOCAB)
-    out, err = capfd.readouterr()
-    lines = out.strip().splitlines()
+def test_progress_lines_and_verbose_log(corpus, tmp_path, capfd, caplog):
+    with caplog.at_level("INFO", logger="data_pipeline.tokenizer"):
+        train_tokenizer([corpus], str(tmp_path / "q"), VOCAB)
+    lines = [r.getMessage() for r in caplog.records if r.name == "data_pipeline.tokenizer"]
     assert len(lines) == 2 and "special: [CLS] [SEP] [MASK]" in lines[0] and lines[1].startswith("tokenizer: done in")
-    assert "trainer_interface" not in err  # sentencepiece's own log only with verbose
+    assert "trainer_interface" not in capfd.readouterr().err  # sentencepiece's own log only with verbose
     train_tokenizer([corpus], str(tmp_path / "v"), VOCAB, verbose=True)
     assert "trainer_interface" in capfd.readouterr().err
 

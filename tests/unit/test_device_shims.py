@@ -137,7 +137,7 @@ def test_precision_is_what_the_device_can_do(precision, on_cuda, bf16, expected,
 
 
 def test_bf16_on_a_gpu_without_it_is_a_one_line_error():
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^train.precision: bf16 requested, but Tesla T4 has no bf16 support"):
         device.choose_dtype("bf16", True, False, "Tesla T4")
@@ -379,3 +379,13 @@ def test_tracker_refuses_duplicates_and_unknown_names():
 
 def math_close(a: float, b: float, tol: float) -> bool:
     return abs(a - b) <= tol
+
+
+def test_docs_list_every_shim():
+    """docs/cpu_and_gpu.md's shim table names exactly the shims device.py installs."""
+    from tests.conftest import REPO
+
+    table = (REPO / "docs" / "cpu_and_gpu.md").read_text().split("## The CPU shims", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("|")[1].strip().strip("`") for line in table.splitlines()
+              if line.startswith("| `")}
+    assert listed == {shim.name for shim in device.SHIMS}

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain import ft
-from pretrain.config import ConfigError, load
+from pretrain import fault_tolerance as ft
+from pretrain.errors import ConfigError
+from pretrain.config import load
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "debug" / "gpt_tiny.yaml"
@@ -108,7 +109,7 @@ def run_python(code: str, timeout: float = 60) -> tuple[subprocess.CompletedProc
 def test_watchdog_exits_the_process_with_hang_code():
     result, elapsed = run_python("""
         import time
-        from pretrain import ft
+        from pretrain import fault_tolerance as ft
 
         def stuck_in_a_collective():
             time.sleep(60)
@@ -129,7 +130,7 @@ def test_watchdog_backstop_fires_when_a_thread_holds_the_gil():
     # that does not release it would; faulthandler's C timer still dumps the stacks and exits (code 1).
     result, elapsed = run_python("""
         import sys
-        from pretrain import ft
+        from pretrain import fault_tolerance as ft
 
         def spinning_holding_the_gil():
             while True:
@@ -156,7 +157,7 @@ def tightened_collective_times_out() -> dict:
     import torch
     import torch.distributed as dist
 
-    from pretrain.ft import _group_timeout, tighten_collective_timeouts
+    from pretrain.parallel.env import _group_timeout, tighten_collective_timeouts
 
     subgroup = dist.new_group([0, 1])
     before = _group_timeout(dist.distributed_c10d._get_default_group())

@@ -8,7 +8,8 @@ import torch
 from data_pipeline.batches import causal_mask
 from pretrain import models
 from pretrain.config import ModelConfig, ParallelConfig
-from pretrain.generation import GPTDecoder, sample_next
+from pretrain.models.gpt import GPTDecoder
+from pretrain.inference.generation import sample_next
 
 SEQ = 16
 
@@ -77,12 +78,11 @@ def test_full_sampling_follows_the_softmax():
 def test_bert_checkpoints_are_refused_with_one_line():
     from types import SimpleNamespace
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import Config
-    from pretrain.generation import decoder_for
+    from pretrain import models
+    from pretrain.errors import CheckpointError
+    from pretrain.inference.generation import generate
 
-    cfg = Config()
-    cfg.model.family = "bert"
+    loaded = SimpleNamespace(spec=models.get("bert"), path="runs/x/step_3", cfg=None, model=None, device=None)
     with pytest.raises(CheckpointError, match=r"^runs/x/step_3: bert checkpoints do not generate text") as info:
-        decoder_for(SimpleNamespace(cfg=cfg, path="runs/x/step_3", model=None, device=None))
+        generate(loaded, tokenizer=None, prompt="x")
     assert "\n" not in str(info.value)

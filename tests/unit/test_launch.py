@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from launch import slurm_env
+from pretrain.parallel import slurm_env
 from launch.local import LocalLaunch, node_exit_code, torchrun_argv
 from launch.slurm import SlurmJob, render, template_name
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 
 @pytest.mark.parametrize("text, hosts", [

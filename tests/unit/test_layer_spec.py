@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig
+from pretrain.errors import ConfigError
+from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.models import gpt
 from pretrain.models.attention import SDPAttention
 from pretrain.models.init import init_weights
@@ -194,7 +195,7 @@ def test_older_te_named_checkpoints_load_into_local_layers(both):
 
 
 def test_a_change_of_layer_spec_loads_by_name():
-    from pretrain.checkpoint.manager import layout_changes
+    from pretrain.checkpoint.format import layout_changes
 
     base = {"tensor": 1, "pipeline": 1, "data": 1, "zero_stage": 1}
     assert layout_changes(base, {**base, "layer_spec": "local"}) == []  # markers from before the key: local

@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pretrain.config import ConfigError, MetricsConfig, load
+from pretrain.errors import ConfigError
+from pretrain.config import MetricsConfig, load
 from pretrain.metrics import MetricsLogger, names
 from pretrain.metrics.prometheus import PrometheusExporter, from_config, peak_flops, restart_count
 from tests.conftest import TINY_CONFIG

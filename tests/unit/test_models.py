@@ -10,7 +10,8 @@ import torch
 
 from data_pipeline.batches import causal_mask
 from pretrain import models
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig
+from pretrain.errors import ConfigError
+from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.models import gpt
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

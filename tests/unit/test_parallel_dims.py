@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, load
+from pretrain.errors import ConfigError
+from pretrain.config import load
 from pretrain.parallel.dims import ParallelDims
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig, load
+from pretrain.config import Config, ModelConfig, ParallelConfig, load
+from pretrain.errors import ConfigError
 from pretrain.parallel import plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +168,7 @@ def test_first_stage_or_last_is_the_worst_with_pipelines():
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    from pretrain.__main__ import main
+    from pretrain.cli import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.checkpoint.safe_load import CheckpointError, load_checkpoint_file, safe_torch_load
+from pretrain.errors import CheckpointError
+from pretrain.checkpoint.safe_load import load_checkpoint_file, safe_torch_load
 
 
 class TouchFile:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig
-from pretrain.models import transformer_xl as txl
-from pretrain.models.transformer_xl_layers import attention_mask, rel_shift
+from pretrain.errors import ConfigError
+from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.models.transformer_xl import model as txl
+from pretrain.models.transformer_xl.layers import attention_mask, rel_shift
 from pretrain.testing import run_distributed
 
 VOCAB, D, HEADS, LAYERS, FFN, TGT, MEM = 256, 64, 4, 3, 96, 12, 16
@@ -163,7 +164,7 @@ def test_generation_cache_equals_full_recomputation(mcore_world1):
     """pretrain generate's MemoryDecoder (the prompt as one segment, then segments of one token attending to the
     memory, in eval mode: eval_mem_length, same_length) gives, while the context fits the evaluation memory,
     the logits one forward over the whole context gives."""
-    from pretrain.generation import MemoryDecoder
+    from pretrain.models.transformer_xl.model import MemoryDecoder
 
     model = build_initialised(model_config(eval_mem_length=24, eval_same_length=True)).eval()
     ids = tokens(1, 20, seed=6)[0].tolist()
@@ -177,7 +178,7 @@ def test_generation_cache_equals_full_recomputation(mcore_world1):
 
 def test_generation_without_memory_reencodes_the_newest_window(mcore_world1):
     """With evaluation memory 0 there is no cache: each step sees the newest seq_length tokens, not one token."""
-    from pretrain.generation import MemoryDecoder
+    from pretrain.models.transformer_xl.model import MemoryDecoder
 
     model = build_initialised(model_config(mem_length=0, eval_mem_length=0)).eval()
     ids = tokens(1, TGT + 5, seed=7)[0].tolist()

@@ -1,5 +1,5 @@
 """BERT -> Hugging Face ``BertForPreTraining`` (``BertForMaskedLM`` for a BERT trained without NSP), for
-`pretrain export hf` (pretrain/export.py).
+`pretrain export hf` (pretrain/hf/export.py).
 
 Hugging Face BERT is the paper's post-LayerNorm transformer: LayerNorm(word + position + token type), then per
 layer ``LN(x + attention(x))`` and ``LN(x + MLP(x))``, no final norm. Our BERT must have that structure for the
@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import CheckpointError
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config
+from pretrain.errors import CheckpointError, ConfigError
+from pretrain.hf.common import split_qkv
+from pretrain.models.layer_names import EXTRA_STATE
 
 #: Our post-LN BERT's norm tensors (prefixes of .weight / .bias) -> Hugging Face's. ``{i}`` is the layer.
 POST_LN_NAMES = {
@@ -36,7 +38,7 @@ COPIED_NAMES = {
 }
 
 
-def check_bert_compatible(cfg: Config) -> None:
+def check(cfg: Config) -> None:
     """Refuse (ConfigError naming the key) a BERT that Hugging Face's BertModel cannot reproduce."""
     model = cfg.model
     if model.position_embedding != "learned_absolute":
@@ -51,7 +53,7 @@ def check_bert_compatible(cfg: Config) -> None:
 def bert_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: torch.dtype) -> dict[str, Any]:
     """config.json of a BertForPreTraining (BertForMaskedLM without NSP) equal to our BERT."""
     model = cfg.model
-    check_bert_compatible(cfg)
+    check(cfg)
     if mcore_config.num_query_groups not in (None, mcore_config.num_attention_heads):
         raise ConfigError("model.num_attention_heads: grouped key/values; Hugging Face BERT has one per head")
     return {
@@ -79,9 +81,7 @@ def bert_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: to
 def bert_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: int, vocab_size: int,
                     tie_embeddings: bool, nsp: bool) -> dict[str, torch.Tensor]:
     """Our post-LN BertModel's full state dict -> BertForPreTraining's (fresh contiguous tensors)."""
-    from pretrain.export import _normalized_names, split_qkv
-
-    ours = _normalized_names(state)
+    ours = {name: value for name, value in state.items() if not name.endswith(EXTRA_STATE)}
     if "encoder.layers.0.input_layernorm.weight" in ours or "encoder.final_layernorm.weight" in ours:
         raise CheckpointError("this BERT is pre-LayerNorm (megatron-core's default layer); Hugging Face BERT is "
                               "post-LayerNorm (the paper's), so the weights cannot be exported as BertForPreTraining")
@@ -121,8 +121,8 @@ def bert_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: 
     return {name: t.contiguous().clone() for name, t in out.items()}
 
 
-def export_bert(loaded, tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, safetensors tensors) for a loaded BERT (pretrain.inference.LoadedModel)."""
+def convert(loaded, tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json dict, safetensors tensors) for a loaded BERT (pretrain.inference.loading.LoadedModel)."""
     cfg, model = loaded.cfg, loaded.model
     dtype = next(model.parameters()).dtype
     config = bert_config(cfg, model.config, tokenizer.vocab_size, tokenizer, dtype)

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from typing import Mapping
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 #: MASTER_PORT = PORT_BASE + job id % PORT_SPAN: stays clear of the well-known ports below 10000 and of Linux's
 #: ephemeral range (32768+), so two jobs sharing a node rarely collide (ids PORT_SPAN apart do).

@@ -1,5 +1,5 @@
-"""Using a checkpoint outside training: load the model in one process, evaluate it, generate text
-(pretrain/generation.py).
+"""A checkpoint in one process: its config, its whole model and its tokenizer (for eval, generate, finetune and
+export).
 
 Loads checkpoints saved with any tensor / pipeline / data-parallel layout and ZeRO stage 0-2 (stage 3 with
 tensor = pipeline = 1): the shards are consolidated into the whole model (pretrain/checkpoint/consolidate.py).
@@ -8,10 +8,8 @@ tensor = pipeline = 1): the shards are consolidated into the whole model (pretra
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
 import yaml
@@ -19,7 +17,8 @@ import yaml
 from pretrain import config as config_mod
 from pretrain import device as device_layer
 from pretrain import models
-from pretrain.checkpoint import CheckpointError, CheckpointManager, read_marker
+from pretrain.errors import CheckpointError
+from pretrain.checkpoint.format import MARKER, complete_steps, read_marker, step_path
 from pretrain.checkpoint.consolidate import consolidated_state_dict, model_file
 from pretrain.checkpoint.safe_load import load_checkpoint_file, safe_torch_load
 from pretrain.config import Config
@@ -40,11 +39,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A complete step directory from a step directory, a checkpoints/ directory or a run directory."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
-        if (root / "COMMITTED").is_file():
+        if (root / MARKER).is_file():
             return root
-        latest = CheckpointManager(root).latest() if root.is_dir() else None
-        if latest:
-            return latest
+        steps = complete_steps(root)
+        if steps:
+            return step_path(root, steps[-1])
     raise CheckpointError(f"{path}: no complete checkpoint here (looked for COMMITTED in it and in step_* below)")
 
 
@@ -98,15 +97,15 @@ def _vocab_size(path: Path, layout: dict) -> int:
 def _init_single_process(cfg: Config) -> None:
     import torch.distributed as dist
 
-    from pretrain.parallel import ParallelDims, init_process_groups
-    from pretrain.train import init_distributed
+    from pretrain.parallel import env
+    from pretrain.parallel.dims import ParallelDims
 
     device_layer.apply_cpu_shims()
     if not dist.is_initialized():
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a one-process group even inside a launcher's env
             os.environ.pop(key, None)
-        init_distributed(device_layer.detect(0).backend)
-        init_process_groups(ParallelDims(world_size=1), cfg.run.seed)
+        env.init_distributed(device_layer.detect(0).backend)
+        env.init_process_groups(ParallelDims(world_size=1), cfg.run.seed)
 
 
 def _zero3_state_dict(path: Path, layout: dict) -> dict[str, torch.Tensor]:
@@ -130,31 +129,3 @@ def tokenizer_for(loaded: LoadedModel):
     if not path.is_file():
         raise CheckpointError(f"{loaded.path}: tokenizer not found (looked at {run_copy} and data.tokenizer)")
     return Tokenizer(str(path))
-
-
-def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, max_batches: int = 0) -> dict:
-    """Validation loss/perplexity of a checkpoint on ``data_dir`` (default: the run's data.valid), read the way
-    its family trains (Transformer-XL: ordered lanes, with memory at the evaluation mem_length/clamp_len)."""
-    from pretrain.evaluate import evaluate
-    from pretrain.train import shard_readers
-
-    loaded = load_model(path)
-    cfg = loaded.cfg
-    cfg.data.valid = data_dir or cfg.data.valid
-    if not cfg.data.valid:
-        raise CheckpointError(f"{loaded.path}: the run has no data.valid; pass --data")
-    cfg.data.train = []  # evaluation reads only the validation split
-    reader_args = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed)
-    _, reader = (loaded.spec.make_readers or shard_readers)(cfg, reader_args)
-    batch_fn = loaded.spec.make_batch_fn(cfg, reader.manifest)
-    model, loss_fn = loaded.model, loaded.spec.loss_fn
-    return evaluate(model, lambda batches: torch.stack([loss_fn(model(**b["inputs"]), b) for b in batches]),
-                    batch_fn, reader, loaded.device, max_batches)
-
-
-def generate_from_checkpoint(path, prompt: str, stream: TextIO | None = sys.stdout, **kwargs) -> str:
-    """Load a checkpoint and its tokenizer, then :func:`pretrain.generation.generate`."""
-    from pretrain.generation import generate
-
-    loaded = load_model(path)
-    return generate(loaded, tokenizer_for(loaded), prompt, stream=stream, **kwargs)

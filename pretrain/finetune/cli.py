@@ -1,19 +1,15 @@
-"""`pretrain finetune` and `pretrain export hf`: argparse glue over pretrain/finetune.py and pretrain/export.py.
-
-`register(subparsers)` adds both commands to the `pretrain` parser. Every leaf parser sets `func(args,
-overrides)` returning exit code 0; bad input raises ConfigError / DataError / CheckpointError, which `pretrain`
-prints as one `error:` line and exits with 2.
-"""
+"""``pretrain finetune``: argparse glue over pretrain/finetune/run.py. Bad input raises ConfigError / DataError /
+CheckpointError, which `pretrain` prints as one ``error:`` line and exits with 2."""
 
 from __future__ import annotations
 
 import argparse
 
-CHECKPOINT_HELP = "a checkpoints/step_<N> directory, a checkpoints/ directory or a run directory (newest step)"
+from pretrain.inference.cli import CHECKPOINT_HELP
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
-    from pretrain.finetune import FinetuneArgs, finetune
+    from pretrain.finetune.run import FinetuneArgs, finetune
 
     finetune(FinetuneArgs(checkpoint=args.checkpoint, data=args.data, output=args.output, text_key=args.text_key,
                           label_key=args.label_key, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -22,16 +18,9 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _export_hf(args: argparse.Namespace, overrides: list[str]) -> int:
-    from pretrain.export import export_hf
-
-    export_hf(args.checkpoint, args.output)
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `finetune` and `export hf` to the `pretrain` subcommands."""
-    from pretrain.finetune import FinetuneArgs
+    """Add `finetune` to the `pretrain` subcommands."""
+    from pretrain.finetune.run import FinetuneArgs
 
     d = FinetuneArgs("", "", "")  # defaults, documented once on the dataclass
     p = sub.add_parser("finetune", help="sequence classification on a pretrained GPT or BERT checkpoint",
@@ -57,13 +46,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (%(default)s)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="print the loss every N steps")
     p.set_defaults(func=_finetune)
-
-    export = sub.add_parser("export", help="export a checkpoint to another format").add_subparsers(
-        dest="export_format", required=True)
-    p = export.add_parser("hf", help="Hugging Face directory: GPT -> GPT2LMHeadModel, BERT -> BertForPreTraining",
-                          description="Writes config.json, model.safetensors, tokenizer.model (+ a sentencepiece "
-                                      "LlamaTokenizer config) and README.md; loads with transformers' "
-                                      "from_pretrained. Refuses models the HF class cannot express.")
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--output", required=True, help="output directory (created; existing files are replaced)")
-    p.set_defaults(func=_export_hf)

@@ -1,6 +1,6 @@
 """BERT (Devlin et al. 2019): megatron-core's BertModel, pretrained with masked-LM + next-sentence prediction.
 
-The paper's post-LayerNorm layout (pretrain/models/bert_layers.py; megatron-core's own BERT is pre-LN):
+The paper's post-LayerNorm layout (pretrain/models/bert/layers.py; megatron-core's own BERT is pre-LN):
 LayerNorm(word + learned position + token type embeddings) -> encoder layers LN(x + Attn(x)), LN(x + MLP(x))
 with bidirectional attention over real tokens. The last stage adds the MLM head (dense + gelu + LayerNorm, then
 the output layer tied to the word embedding, with its own bias) and, with ``model.nsp``, the pooler ([CLS] ->
@@ -29,10 +29,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from data_pipeline.batches import bert_batch, bert_token_ids
+from data_pipeline.errors import DataError
 from pretrain.config import Config, ModelConfig, ParallelConfig
-from pretrain.models import BatchFn, ModelSpec, register
+from pretrain.models.spec import BatchFn, Classification, ModelSpec, register
 from pretrain.models import gpt
-from pretrain.models.bert_layers import PostNormLayer, to_post_norm
+from pretrain.models.bert.layers import PostNormLayer, to_post_norm
 from pretrain.models.gpt import LayerNorm, transformer_config
 
 #: Segment embeddings: 0 for [CLS] A [SEP] (and padding), 1 for B [SEP]. Kept without NSP too: bert_batch always
@@ -162,5 +163,37 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     return gpt.flops_per_token(cfg, vocab_size) + 3.0 * head
 
 
-SPEC = register(ModelSpec(name="bert", build=build, make_batch_fn=make_batch_fn, loss_fn=loss_fn,
-                          flops_per_token=flops_per_token))
+def classification_frame(tokenizer, ids: list[int], max_length: int) -> list[int]:
+    """A BERT classification example: ``[CLS] text [SEP]``, as in the paper."""
+    if tokenizer.cls_id is None or tokenizer.sep_id is None:
+        raise DataError(f"{tokenizer.model_path}: tokenizer has no [CLS]/[SEP]; BERT fine-tuning needs them")
+    return [tokenizer.cls_id] + ids[: max_length - 2] + [tokenizer.sep_id]
+
+
+def classification_features(backbone: BertModel, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The pretrained pooler (dense + tanh) on [CLS]; a BERT pretrained without NSP has no pooler and gives the
+    [CLS] hidden state itself. input_ids [b, s] right-padded, lengths [b] -> [b, h]."""
+    s = input_ids.shape[1]
+    real = (torch.arange(s, device=input_ids.device)[None] < lengths[:, None]).long()  # [b, s], 1 = real token
+    hidden = backbone(input_ids=input_ids, attention_mask=real, tokentype_ids=torch.zeros_like(input_ids))  # [s, b, h]
+    pooler = getattr(backbone, "pooler", None)
+    return pooler(hidden, 0) if pooler is not None else hidden[0]
+
+
+def extra_stage_params(m: ModelConfig, vocab_size: int, tensor: int, pipeline: int, stage: int) -> int:
+    """BertModel's parameters beyond a GPT's on one rank of ``stage`` (replicated but for the output bias): two
+    token-type embeddings and the embedding LayerNorm first; no final LayerNorm, but the MLM head's dense +
+    LayerNorm and output bias, and the pooler + NSP head, last."""
+    h, count = m.hidden_size, 0
+    if stage == 0:
+        count += 4 * h
+    if stage == pipeline - 1:
+        count += -2 * h + (h * h + h) + 2 * h + vocab_size // tensor
+        count += (h * h + h) + (2 * h + 2) if m.nsp else 0
+    return count
+
+
+SPEC = register(ModelSpec(
+    name="bert", build=build, make_batch_fn=make_batch_fn, loss_fn=loss_fn, flops_per_token=flops_per_token,
+    classification=Classification(frame=classification_frame, features=classification_features),
+    hf_export="bert", extra_stage_params=extra_stage_params))

@@ -18,8 +18,9 @@ import numpy as np
 from data_pipeline.errors import DataError
 from data_pipeline.sampler import check_batch_sizes
 from data_pipeline.stream import StreamReader
-from pretrain.config import Config, ConfigError
-from pretrain.models import check_vocab_fits
+from pretrain.config import Config
+from pretrain.errors import ConfigError
+from pretrain.models.common import check_vocab_fits
 
 STATE_VERSION = 1
 

@@ -26,12 +26,14 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from data_pipeline.batches import txl_batch
-from pretrain.config import Config, ConfigError, ModelConfig, ParallelConfig
-from pretrain.models import BatchFn, ModelSpec, gpt, register
+from pretrain.config import Config, ModelConfig, ParallelConfig
+from pretrain.errors import ConfigError
+from pretrain.models.spec import BatchFn, ModelSpec, register
+from pretrain.models import gpt
 from pretrain.models.gpt import transformer_config
-from pretrain.models.transformer_xl_data import make_readers
-from pretrain.models.transformer_xl_layers import (RelPartialLearnableDecoderLayer, attention_mask, dropout,
-                                                   head_bias, sinusoid_positions)
+from pretrain.models.transformer_xl.data import make_readers
+from pretrain.models.transformer_xl.layers import (RelPartialLearnableDecoderLayer, attention_mask, dropout, head_bias,
+                                                   sinusoid_positions)
 
 MEMORY_STATE_VERSION = 1
 
@@ -288,5 +290,41 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
 
 
 # The loss is GPT's: the model returns per-token losses [b, s], and every target of an ordered stream counts.
-SPEC = register(ModelSpec(name="transformer_xl", build=build, make_batch_fn=make_batch_fn, loss_fn=gpt.loss_fn,
-                          flops_per_token=flops_per_token, make_readers=make_readers))
+class MemoryDecoder:
+    """Incremental Transformer-XL forward: the segment memory (evaluation mem_length) is the cache.
+
+    A model evaluated without memory (mem_length 0) has no cache to extend: each step then encodes the newest
+    ``seq_length`` tokens again, as a full recomputation would.
+    """
+
+    def __init__(self, model: torch.nn.Module, seq_length: int, device: torch.device):
+        self.model, self.device, self.mems = model, device, None
+        self.window = seq_length if model.lengths[0] == 0 else 0  # 0: extend the memory
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Encode ``ids`` as one segment from empty memory; logits [V] of the next token."""
+        self.mems, self.history = None, list(ids)
+        return self._forward(ids[-self.window:] if self.window else ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append ``token`` (a segment of one); logits [V] of the one after it."""
+        if self.window:
+            return self.prefill(self.history + [token])
+        return self._forward([token])
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        logits, self.mems = self.model.forward_segment(torch.tensor([ids], device=self.device), self.mems)
+        return logits[0, -1]  # [V]
+
+
+def check_config(cfg: Config) -> None:
+    """Settings Transformer-XL cannot train with, as one-line ConfigErrors."""
+    if cfg.parallel.activation_checkpointing == "full":
+        raise ConfigError("parallel.activation_checkpointing: full recomputation would run each Transformer-XL "
+                          "segment twice and update its memory twice; use none or selective")
+
+
+SPEC = register(ModelSpec(
+    name="transformer_xl", build=build, make_batch_fn=make_batch_fn, loss_fn=gpt.loss_fn,
+    flops_per_token=flops_per_token, make_readers=make_readers, check_config=check_config,
+    decoder=lambda model, cfg, device: MemoryDecoder(model, cfg.seq_length, device)))

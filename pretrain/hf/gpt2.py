@@ -1,0 +1,129 @@
+"""GPT -> Hugging Face ``GPT2LMHeadModel`` (config.json written here: no transformers import at export time).
+
+The model comes whole from pretrain.inference.loading.load_model, whatever TP/PP layout saved it, so the conversion
+only ever sees full (unsharded) megatron-core tensors under their canonical names. Where GPT-2 cannot express our
+model (rotary positions, SwiGLU, grouped-query attention, ...) the export is refused with a one-line ConfigError
+naming the config key, before any weight is loaded (``check``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pretrain.config import Config
+from pretrain.errors import CheckpointError, ConfigError
+from pretrain.hf.common import split_qkv
+from pretrain.models.layer_names import EXTRA_STATE
+
+#: Our model.activation -> GPT-2's activation_function. gelu_new is GPT-2's tanh approximation (same formula as
+#: torch's approximate="tanh"; the two differ by float rounding only).
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+
+
+def check(cfg: Config) -> None:
+    """Refuse (ConfigError naming the key) a GPT whose architecture GPT2LMHeadModel cannot reproduce."""
+    model = cfg.model
+    if model.position_embedding != "learned_absolute":
+        raise ConfigError(f"model.position_embedding={model.position_embedding}: GPT-2 has learned absolute "
+                          "positions only; this checkpoint cannot be exported as GPT2LMHeadModel")
+    if model.activation not in GPT2_ACTIVATIONS:
+        raise ConfigError(f"model.activation={model.activation}: GPT-2's MLP is not gated (supports "
+                          f"{', '.join(GPT2_ACTIVATIONS)}); this checkpoint cannot be exported as GPT2LMHeadModel")
+
+
+def gpt2_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of a GPT2LMHeadModel equal to our GPT (``mcore_config``: the built model's TransformerConfig).
+
+    ``vocab_size`` is the tokenizer's, not the TP-padded embedding size: padding rows are never real tokens.
+    """
+    model = cfg.model
+    check(cfg)
+    if mcore_config.num_query_groups not in (None, mcore_config.num_attention_heads):
+        raise ConfigError(f"model.num_attention_heads: {mcore_config.num_query_groups} key/value groups for "
+                          f"{mcore_config.num_attention_heads} heads; GPT-2 has one key/value head per head")
+    if mcore_config.kv_channels * mcore_config.num_attention_heads != model.hidden_size:
+        raise ConfigError("model.num_attention_heads: heads x head size != hidden_size; GPT-2 needs them equal")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": model.seq_length,
+        "n_embd": model.hidden_size,
+        "n_layer": model.num_layers,
+        "n_head": model.num_attention_heads,
+        "n_inner": mcore_config.ffn_hidden_size,
+        "activation_function": GPT2_ACTIVATIONS[model.activation],
+        # megatron-core applies hidden_dropout after the embedding too (GPT-2's embd_pdrop).
+        "resid_pdrop": model.hidden_dropout,
+        "embd_pdrop": model.hidden_dropout,
+        "attn_pdrop": model.attention_dropout,
+        "layer_norm_epsilon": model.layernorm_epsilon,
+        "initializer_range": model.init_method_std,
+        "scale_attn_weights": True,  # 1/sqrt(head size), as megatron-core's DotProductAttention
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": model.tie_embeddings,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def gpt2_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: int, vocab_size: int,
+                    tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Our GPTModel's full state dict -> GPT2LMHeadModel's, as fresh contiguous tensors (safetensors refuses
+    shared storage). Every tensor of ours must find a place, else CheckpointError names the first stray one."""
+    ours = {name: value for name, value in state.items() if not name.endswith(EXTRA_STATE)}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in ours:
+            raise CheckpointError(f"model tensor {name} missing; cannot build GPT2LMHeadModel weights")
+        return ours.pop(name).detach()
+
+    def conv1d(linear_weight: torch.Tensor) -> torch.Tensor:
+        return linear_weight.t()  # nn.Linear [out, in] -> GPT-2's Conv1D [in, out]
+
+    out = {
+        "transformer.wte.weight": take("embedding.word_embeddings.weight")[:vocab_size],  # drop TP padding rows
+        "transformer.wpe.weight": take("embedding.position_embeddings.weight"),
+    }
+    for i in range(num_layers):
+        ours_layer, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for norm, hf_norm in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            for kind in ("weight", "bias"):
+                out[f"{hf}{hf_norm}.{kind}"] = take(f"{ours_layer}{norm}.{kind}")
+        qkv_weight = take(f"{ours_layer}self_attention.linear_qkv.weight")  # [3h, h]
+        qkv_bias = take(f"{ours_layer}self_attention.linear_qkv.bias")  # [3h]
+        # GPT-2's c_attn output is [q (all heads) | k | v], each [h] in head order.
+        out[f"{hf}attn.c_attn.weight"] = conv1d(torch.cat(split_qkv(qkv_weight, num_heads, num_heads)))  # [h, 3h]
+        out[f"{hf}attn.c_attn.bias"] = torch.cat(split_qkv(qkv_bias, num_heads, num_heads))
+        out[f"{hf}attn.c_proj.weight"] = conv1d(take(f"{ours_layer}self_attention.linear_proj.weight"))
+        out[f"{hf}attn.c_proj.bias"] = take(f"{ours_layer}self_attention.linear_proj.bias")
+        out[f"{hf}mlp.c_fc.weight"] = conv1d(take(f"{ours_layer}mlp.linear_fc1.weight"))  # [h, f]
+        out[f"{hf}mlp.c_fc.bias"] = take(f"{ours_layer}mlp.linear_fc1.bias")
+        out[f"{hf}mlp.c_proj.weight"] = conv1d(take(f"{ours_layer}mlp.linear_fc2.weight"))  # [f, h]
+        out[f"{hf}mlp.c_proj.bias"] = take(f"{ours_layer}mlp.linear_fc2.bias")
+    out["transformer.ln_f.weight"] = take("decoder.final_layernorm.weight")
+    out["transformer.ln_f.bias"] = take("decoder.final_layernorm.bias")
+    if not tie_embeddings:  # tied: GPT2LMHeadModel re-ties lm_head to wte on load; the file holds wte only
+        out["lm_head.weight"] = take("output_layer.weight")[:vocab_size]
+    if ours:
+        raise CheckpointError(f"model tensor {next(iter(ours))} has no GPT-2 counterpart ({len(ours)} such); "
+                              "cannot export as GPT2LMHeadModel")
+    return {name: t.contiguous().clone() for name, t in out.items()}
+
+
+def convert(loaded, tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, tensors) of the GPT2LMHeadModel equal to the loaded GPT checkpoint."""
+    cfg, model = loaded.cfg, loaded.model
+    dtype = next(model.parameters()).dtype
+    config = gpt2_config(cfg, model.config, tokenizer.vocab_size, tokenizer, dtype)
+    tensors = gpt2_state_dict(model.state_dict(), cfg.model.num_layers, cfg.model.num_attention_heads,
+                              tokenizer.vocab_size, cfg.model.tie_embeddings)
+    return config, tensors
+
+

@@ -1,0 +1,119 @@
+"""The one process-group bring-up: the default group (``init_distributed``, which DeepSpeed adopts), megatron-core's
+TP/PP/DP groups (``init_process_groups``), their collective timeouts, and teardown. Training, inference,
+fine-tuning, the benchmarks and the test helpers all start their processes' groups here.
+
+Works from the launcher's environment (torchrun, or srun through slurm_env) or, without one, as a group of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:  # megatron-core loads in seconds: the watchdog and the launcher need none of it
+    from pretrain.parallel.dims import ParallelDims
+
+
+def free_port(count: int = 1, host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free now, with the ``count - 1`` ports after it free too (a rank's Prometheus
+    exporter listens on port + LOCAL_RANK). Another process may still take it before its user binds it."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + count <= 65536 and all(_bindable(host, base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def init_distributed(backend: str, timeout_s: float | None = None) -> None:
+    """The default process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or a
+    one-process group of our own when there is none; then DeepSpeed adopts it. ``timeout_s``: its collective
+    timeout (None: torch's default for the backend). Call ``pretrain.device.apply_cpu_shims()`` first on CPU."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+    import deepspeed  # after the device layer chose DeepSpeed's accelerator
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the existing group
+
+
+def init_process_groups(dims: ParallelDims, seed: int, timeout_s: float | None = None) -> None:
+    """megatron-core's TP/PP/DP groups on the default process group, then its per-TP-rank RNG streams.
+    ``timeout_s``: the groups' collective timeout (fault_tolerance.startup_collective_timeout_s); None: 30 min,
+    megatron-core's default."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    assert dist.is_initialized() and dist.get_world_size() == dims.world_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tensor, pipeline_model_parallel_size=dims.pipeline,
+        virtual_pipeline_model_parallel_size=dims.virtual_pipeline if dims.virtual_pipeline > 1 else None,
+        distributed_timeout_minutes=math.ceil(timeout_s / 60) if timeout_s else 30)
+    # Same seed on every rank for init of replicated weights; megatron-core offsets the TP stream per TP rank.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down megatron-core's groups and the default group (without it gloo occasionally aborts at exit)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _group_timeout(group) -> datetime.timedelta | None:
+    """The shortest collective timeout among a process group's backends, or None where torch does not say."""
+    found = []
+    for device in getattr(group, "_device_types", []):
+        options = getattr(group._get_backend(device), "options", None)
+        if getattr(options, "_timeout", None) is not None:
+            found.append(options._timeout)
+    return min(found) if found else None
+
+
+def set_collective_timeouts(seconds: float, only_lower: bool = False) -> int:
+    """Set the collective timeout of every process group this rank belongs to (the default group, megatron-core's
+    and DeepSpeed's, whichever library created them) to ``seconds``; with ``only_lower`` never raise one. Returns
+    how many groups changed. Uses torch's private ``_set_pg_timeout`` (torch 2.13); without it, nothing changes.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    set_timeout = getattr(c10d, "_set_pg_timeout", None)
+    if set_timeout is None or not dist.is_initialized():
+        return 0
+    bound = datetime.timedelta(seconds=seconds)
+    changed = 0
+    for group in list(c10d._world.pg_map):
+        current = _group_timeout(group)
+        if current != bound and not (only_lower and current is not None and current <= bound):
+            set_timeout(bound, group)
+            changed += 1
+    return changed
+
+
+def tighten_collective_timeouts(seconds: float) -> int:
+    """Lower every process group's collective timeout to ``seconds`` (never raise one): after the first step a
+    collective stuck on a dead or hung peer should fail within the run's own bound (on NCCL its watchdog then
+    aborts the communicator), not the startup bound that covered resume and warm-up."""
+    return set_collective_timeouts(seconds, only_lower=True)
