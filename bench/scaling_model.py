@@ -6,7 +6,14 @@ Volumes are the bytes each GPU *sends* per optimizer step under bandwidth-optima
 payload handed to each collective (X: the full tensor) and the group size n:
 all-reduce 2(n-1)/n * X, reduce-scatter (n-1)/n * X (DeepSpeed's rooted reduces, one per owner, add up to one),
 all-gather (n-1)/n * X (X = the gathered output), point-to-point X. tests/distributed/test_scaling_model.py counts
-the payloads DeepSpeed and megatron-core really hand to torch.distributed and checks them against these formulas.
+the payloads DeepSpeed and megatron-core really hand to torch.distributed and checks them against these formulas
+(in fp32, where every element is 4 bytes).
+
+Bytes per element in bf16 runs: gradients are accumulated and reduced in fp32 (pretrain/parallel/grads.py), so
+every gradient reduction (all-reduce, reduce-scatter, the tied embedding's all-reduce) sends 4 bytes per element;
+parameter all-gathers and TP/PP activations stay bf16, 2 bytes. bf16 ZeRO-1 is DeepSpeed's BF16_Optimizer: a full
+fp32 all-reduce of the gradients (use_multi_rank_bucket_allreduce does not apply to it), then a bf16 all-gather
+of the updated parameters.
 
 Layout recommendation (assumptions; change them here): H100 80 GB, 8 per node on NVLink at 450 GB/s per direction,
 nodes on 8 x 400 Gb/s InfiniBand (one 50 GB/s NIC per GPU); 80% of each link is achieved. Matmul efficiency 50% of
@@ -41,7 +48,8 @@ BASE_CONFIG = REPO / "configs" / "gpt" / "1.3b.yaml"
 #: name: (layers, hidden, heads, global batch in sequences of 2048 tokens): 1M, 2M and 4M tokens per step.
 MODELS = {"1.3B": (24, 2048, 16, 512), "7B": (32, 4096, 32, 1024), "70B": (80, 8192, 64, 2048)}
 VOCAB = 50257  # GPT-2 BPE, padded by the model code as in training
-BF16 = 2
+BF16 = 2  # parameters, parameter all-gathers, TP/PP activations
+FP32 = 4  # gradient reductions in bf16 runs (fp32 accumulation, pretrain/parallel/grads.py)
 #: DeepSpeed's stage3_param_persistence_threshold default: smaller parameters stay whole on every rank.
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
 
@@ -71,32 +79,38 @@ class Volume:
 
 
 def dp_volume(params: float, d: int, zero_stage: int, micro_batches: int, bytes_per_elem: float,
-              multi_rank_allreduce: bool = True, persistent: float = 0.0, regathered: float | None = None) -> Volume:
+              multi_rank_allreduce: bool = True, persistent: float = 0.0, regathered: float | None = None,
+              grad_bytes_per_elem: float | None = None) -> Volume:
     """Data-parallel traffic of one step for ``params`` parameters per GPU (Psi / (t p)), DeepSpeed 0.19 ZeRO.
+
+    ``bytes_per_elem`` is what a parameter all-gather sends per element, ``grad_bytes_per_elem`` what a gradient
+    reduction sends (default: the same, as in fp32; bf16 runs reduce gradients in fp32, FP32).
 
     ZeRO-0: all-reduce of the gradients once per step (at the accumulation boundary).
     ZeRO-1/2: the gradients are reduced (ZeRO-1 once per step, ZeRO-2 after every micro-batch's backward, which is
     what lets it drop the full gradient buffer), then every rank all-gathers the updated parameters. DeepSpeed's
     default ``use_multi_rank_bucket_allreduce: true`` reduces with an all-reduce of the whole bucket (2 Psi, so
-    ZeRO-1 sends 1.5x DP); with it off, a reduce per owner (Psi: the textbook ZeRO-1 = DP volume).
+    fp32 ZeRO-1 sends 1.5x DP); with it off, a reduce per owner (Psi: the textbook ZeRO-1 = DP volume). bf16 ZeRO-1
+    is DeepSpeed's BF16_Optimizer, which always all-reduces the whole fp32 gradient (multi_rank_allreduce=True).
     ZeRO-3: per micro-batch, a reduce-scatter of the gradients, an all-gather of the non-persistent parameters
     before their forward, and of ``regathered`` parameters again for their backward (default: all of them, the
     textbook 1.5x DP; DeepSpeed keeps parameters reused within stage3_max_reuse_distance, and persistent ones,
     gathered); persistent parameters (smaller than stage3_param_persistence_threshold) are all-gathered once
     after the step.
     """
-    x = params * bytes_per_elem
+    x = params * bytes_per_elem  # the parameters, as all-gathered
+    g = params * (bytes_per_elem if grad_bytes_per_elem is None else grad_bytes_per_elem)  # the gradients, reduced
     if zero_stage == 0:
-        return Volume(d, all_reduce=x)
+        return Volume(d, all_reduce=g)
     if zero_stage in (1, 2):
         reductions = micro_batches if zero_stage == 2 else 1
-        grads = {"all_reduce": reductions * x} if multi_rank_allreduce else {"reduce_scatter": reductions * x}
+        grads = {"all_reduce": reductions * g} if multi_rank_allreduce else {"reduce_scatter": reductions * g}
         return Volume(d, all_gather=x, **grads)
     if zero_stage == 3:
         partitioned = params - persistent
         regathered = partitioned if regathered is None else regathered
         gathered = micro_batches * (partitioned + regathered) + persistent
-        return Volume(d, reduce_scatter=micro_batches * x, all_gather=gathered * bytes_per_elem)
+        return Volume(d, reduce_scatter=micro_batches * g, all_gather=gathered * bytes_per_elem)
     raise ValueError(f"zero_stage: expected 0-3, got {zero_stage}")
 
 
@@ -117,14 +131,16 @@ def tp_volume(layers: int, hidden: int, seq: int, micro_batch: int, t: int, micr
 
 def pp_volume(hidden: int, seq: int, micro_batch: int, micro_batches: int, bytes_per_elem: float, t: int = 1,
               sequence_parallel: bool = False, first_stage: bool = False, last_stage: bool = False,
-              tied_embedding_params: float = 0.0) -> Volume:
+              tied_embedding_params: float = 0.0, grad_bytes_per_elem: float | None = None) -> Volume:
     """Pipeline parallelism (1F1B), per step on one GPU: per micro-batch the activation [s, b, h] to the next
     stage and its gradient back to the previous one ([s/t, b, h] with sequence parallelism; megatron-core sends
-    the whole tensor from every TP rank otherwise). First and last stage also all-reduce the tied word embedding's
-    gradient (``tied_embedding_params`` on this rank) between them once per step (group of 2)."""
+    the whole tensor from every TP rank otherwise), ``bytes_per_elem`` each. First and last stage also all-reduce
+    the tied word embedding's gradient (``tied_embedding_params`` on this rank) between them once per step (group
+    of 2), ``grad_bytes_per_elem`` each (default: the same; fp32 in bf16 runs, FP32)."""
     tensor = seq * micro_batch * hidden * bytes_per_elem / (t if sequence_parallel else 1)
     sends = (not last_stage) + (not first_stage)
-    tied = tied_embedding_params * bytes_per_elem if (first_stage or last_stage) else 0.0
+    grad_bytes = bytes_per_elem if grad_bytes_per_elem is None else grad_bytes_per_elem
+    tied = tied_embedding_params * grad_bytes if (first_stage or last_stage) else 0.0
     return Volume(2, p2p=micro_batches * sends * tensor, all_reduce=tied)
 
 
@@ -200,8 +216,9 @@ def evaluate(layout: Layout) -> Layout | None:
     # The busiest stage: a middle one (sends both ways) when p > 2, else an end stage with the embedding or head.
     tp = tp_volume(m.num_layers // p, h, s, b, t, mb, BF16, first_stage=p == 1, last_stage=True)
     pp = pp_volume(h, s, b, mb, BF16, t, t > 1, first_stage=p == 2, last_stage=False,
-                   tied_embedding_params=est.vocab_size * h / t if p == 2 else 0) if p > 1 else Volume(1)
-    dp = dp_volume(layout.params, d, layout.zero, mb, BF16)
+                   tied_embedding_params=est.vocab_size * h / t if p == 2 else 0,
+                   grad_bytes_per_elem=FP32) if p > 1 else Volume(1)
+    dp = dp_volume(layout.params, d, layout.zero, mb, BF16, grad_bytes_per_elem=FP32)
     # What can hide under compute: ZeRO-3's gathers and reductions (prefetched through the step), ZeRO-0/1/2's
     # gradient reduction (under the backward); ZeRO-1/2's parameter all-gather after the step cannot.
     hideable = dp if layout.zero == 3 else Volume(d, all_reduce=dp.all_reduce, reduce_scatter=dp.reduce_scatter)
@@ -250,17 +267,23 @@ def recommend(model: str, gpus: int) -> Layout | None:
 
 def volume_table() -> str:
     """(a) GB sent per GPU per step: DP variants at d = 64 (one micro-batch), TP per micro-batch at t = 8, PP per
-    micro-batch at a middle stage; b = 1, s = 2048, bf16."""
+    micro-batch at a middle stage; b = 1, s = 2048, bf16 (gradient reductions in fp32, parameter all-gathers and
+    activations in bf16). ZeRO-1 is BF16_Optimizer (the whole gradient all-reduced), which at one micro-batch sends
+    what ZeRO-2 with DeepSpeed's default multi-rank all-reduce sends; the textbook ZeRO-2 reduces each partition
+    to its owner instead (use_multi_rank_bucket_allreduce off; in bf16 only ZeRO-2 has that choice)."""
     from pretrain.parallel import plan
 
-    rows = ["| model | params | DP (ZeRO-0) | ZeRO-1, DeepSpeed default | ZeRO-1/2, textbook | ZeRO-3, textbook "
-            "| TP t=8, per micro-batch | PP, per micro-batch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | params | DP (ZeRO-0) | ZeRO-1 (BF16_Optimizer) = ZeRO-2 default | ZeRO-2, textbook "
+            "| ZeRO-3, textbook | TP t=8, per micro-batch | PP, per micro-batch |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in MODELS:
         cfg = config_for(Layout(name, 1, 1, 1, 0, "full", 1))
         m = cfg.model
         psi = plan.total_params(m, plan.padded_vocab(cfg, 1)[0])
-        vols = [dp_volume(psi, 64, 0, 1, BF16), dp_volume(psi, 64, 1, 1, BF16),
-                dp_volume(psi, 64, 1, 1, BF16, multi_rank_allreduce=False), dp_volume(psi, 64, 3, 1, BF16),
+        vols = [dp_volume(psi, 64, 0, 1, BF16, grad_bytes_per_elem=FP32),
+                dp_volume(psi, 64, 1, 1, BF16, grad_bytes_per_elem=FP32),
+                dp_volume(psi, 64, 2, 1, BF16, multi_rank_allreduce=False, grad_bytes_per_elem=FP32),
+                dp_volume(psi, 64, 3, 1, BF16, grad_bytes_per_elem=FP32),
                 tp_volume(m.num_layers, m.hidden_size, m.seq_length, 1, 8, 1, BF16),
                 pp_volume(m.hidden_size, m.seq_length, 1, 1, BF16)]
         rows.append(f"| {name} | {psi / 1e9:.2f} B | " + " | ".join(f"{v.sent() / 1e9:,.2f}" for v in vols) + " |")
@@ -290,7 +313,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", default="8,64,512", help="comma-separated GPU counts for the layout table")
     args = parser.parse_args()
-    print("(a) GB sent per GPU per optimizer step (bf16; DP at d = 64 with one micro-batch; b = 1, s = 2048)\n")
+    print("(a) GB sent per GPU per optimizer step (bf16, gradients reduced in fp32; DP at d = 64 with one "
+          "micro-batch; b = 1, s = 2048)\n")
     print(volume_table())
     print("\n(b) recommended layouts (H100 80 GB, NVLink 450 GB/s/direction in nodes of 8, one 50 GB/s NIC per "
           "GPU, 80% of links and 50% of peak FLOP/s achieved)\n")

@@ -171,7 +171,7 @@ class TrainConfig:
     #: accumulation). Must be a multiple of micro_batch_size * data-parallel size; the quotient is the number of
     #: gradient-accumulation micro steps.
     global_batch_size: int = 0
-    #: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
+    #: auto (bf16 on a GPU that has it; fp32 on a GPU without it, logged, and on CPU), fp32 or bf16.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: Log (console + metrics.jsonl) every N steps.
     log_every: int = 10
@@ -194,7 +194,9 @@ class CheckpointConfig:
     #: Write checkpoints in a background thread (``checkpoint.async`` is accepted as this key): training waits only
     #: for a copy to host memory; the save commits at a later step once every rank has written it.
     async_save: bool = False
-    #: Load this checkpoint directory instead of the newest one in dir (for fine-tuning or forks).
+    #: A checkpoint directory (`step_<N>`, any layout) that seeds this run: used only while dir has no complete
+    #: checkpoint that verifies, so a restarted run continues its own (Megatron's load/save); to fork from an older
+    #: step, use a fresh run.dir.
     load: str = ""
 
 
