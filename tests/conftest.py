@@ -57,6 +57,17 @@ def run_cli(*args: str, timeout: float = 600, torchrun_nproc: int = 0,
                           env={**cli_env(), **(env or {})})
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line a refused command ends with (exit code 2, no traceback, no warning or error logged
+    before it; INFO progress lines of the work done before the refusal may precede it); returns the line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    others = [line for line in lines[:-1] if line.startswith("error: ") or " WARNING " in line or " ERROR " in line
+              or "Traceback" in line]
+    assert not others, result.stderr[-3000:]
+    return lines[-1]
+
+
 def train_tiny(data: dict[str, Path], run_dir: Path, *args: str) -> Path:
     """`pretrain train` of gpt_tiny.yaml on the session's data into ``run_dir``; fails the test unless it finished."""
     result = run_cli("train", str(TINY_CONFIG), *args, *data_overrides(data, run_dir))

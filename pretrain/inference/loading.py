@@ -7,7 +7,6 @@ tensor = pipeline = 1): the shards are consolidated into the whole model (pretra
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +100,8 @@ def _init_single_process(cfg: Config) -> None:
     from pretrain.parallel.dims import ParallelDims
 
     device_layer.apply_cpu_shims()
-    if not dist.is_initialized():
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a one-process group even inside a launcher's env
-            os.environ.pop(key, None)
-        env.init_distributed(device_layer.detect(0).backend)
+    if not dist.is_initialized():  # a one-process group of its own, even inside a launcher's environment
+        env.init_distributed(device_layer.detect(0).backend, single_process=True)
         env.init_process_groups(ParallelDims(world_size=1), cfg.run.seed)
 
 

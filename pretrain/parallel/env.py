@@ -42,15 +42,15 @@ def _bindable(host: str, port: int) -> bool:
             return False
 
 
-def init_distributed(backend: str, timeout_s: float | None = None) -> None:
-    """The default process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or a
-    one-process group of our own when there is none; then DeepSpeed adopts it. ``timeout_s``: its collective
+def init_distributed(backend: str, timeout_s: float | None = None, single_process: bool = False) -> None:
+    """The default process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or, when there
+    is none or ``single_process`` is set, a one-process group of our own on a free port (the environment is left as
+    it is, so nothing leaks into processes started later); then DeepSpeed adopts it. ``timeout_s``: its collective
     timeout (None: torch's default for the backend). Call ``pretrain.device.apply_cpu_shims()`` first on CPU."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    if single_process or "RANK" not in os.environ:
+        kwargs.update(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend=backend, **kwargs)
     import deepspeed  # after the device layer chose DeepSpeed's accelerator
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the existing group

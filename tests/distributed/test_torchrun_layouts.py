@@ -39,7 +39,7 @@ def test_tensor_parallel_two_matches_one_process(shakespeare, tmp_path):
     tp2 = run_cli("train", str(TINY_CONFIG), "--parallel.tensor=2", *common,
                   *data_overrides(shakespeare, tmp_path / "tp2"), torchrun_nproc=2)
     assert tp2.returncode == 0, tp2.stdout[-3000:] + tp2.stderr[-3000:]
-    assert "'tensor': 2, 'pipeline': 1, 'virtual_pipeline': 1, 'data': 1" in tp2.stdout
+    assert "'tensor': 2, 'pipeline': 1, 'virtual_pipeline': 1, 'data': 1" in tp2.stderr
     ref, ours = read_metrics(tmp_path / "tp1"), read_metrics(tmp_path / "tp2")
     for step in range(1, 11):
         # megatron-core splits the same full-size init across TP ranks, so the runs agree to rounding.

@@ -24,6 +24,7 @@ cuda_or_dry_run = pytest.mark.skipif(
     reason="needs a CUDA device (PRETRAIN_GPU_CHECK_CPU=1 runs it on CPU: scripts/gpu_check.sh --cpu-dry-run)")
 
 
-def trained_on_device_in_bf16(stdout: str) -> bool:
-    """The run's start line says ``device cuda:0 bfloat16`` (``device cpu bfloat16`` in the dry run)."""
-    return re.search(rf"\bdevice {DEVICE}(:\d+)? bfloat16\b", stdout) is not None
+def trained_on_device_in_bf16(stderr: str) -> bool:
+    """The run's start line (logged on stderr) says ``device cuda:0 bfloat16`` (``device cpu bfloat16`` in the dry
+    run)."""
+    return re.search(rf"\bdevice {DEVICE}(:\d+)? bfloat16\b", stderr) is not None

@@ -34,7 +34,7 @@ def bf16_run(shakespeare, tmp_path_factory) -> Path:
     trained = run_cli("train", str(TINY_CONFIG), f"--train.steps={STEPS}", f"--checkpoint.every_steps={STEPS}",
                       "--train.precision=bf16", "--train.log_every=10", *data_overrides(shakespeare, run_dir))
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
-    assert trained_on_device_in_bf16(trained.stdout), trained.stdout[-2000:]
+    assert trained_on_device_in_bf16(trained.stderr), trained.stderr[-2000:]
     return run_dir
 
 

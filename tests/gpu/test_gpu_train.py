@@ -18,7 +18,7 @@ def test_gpu_bf16_training_learns(shakespeare, tmp_path, record_property):
     result = run_cli("train", str(TINY_CONFIG), f"--train.steps={STEPS}", "--train.log_every=1",
                      "--train.precision=bf16", "--checkpoint.every_steps=0", *data_overrides(shakespeare, tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert trained_on_device_in_bf16(result.stdout), result.stdout[-2000:]
+    assert trained_on_device_in_bf16(result.stderr), result.stderr[-2000:]
     metrics = read_metrics(tmp_path)
     assert sorted(metrics) == list(range(1, STEPS + 1))
     losses = [metrics[s]["loss"] for s in range(1, STEPS + 1)]

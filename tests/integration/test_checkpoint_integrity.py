@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, run_cli, train_tiny
+from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, one_line_error, run_cli, train_tiny
 
 RUN_ARGS = ["--train.steps=4", "--train.log_every=1", "--checkpoint.every_steps=2", "--checkpoint.keep_last=0"]
 
@@ -34,12 +34,6 @@ def _flip_byte(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     file.write_bytes(bytes(data))
-
-
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    return lines[0]
 
 
 def test_auto_resume_skips_a_truncated_checkpoint_and_pruning_keeps_what_it_wrote(shakespeare, saved_run, tmp_path):
@@ -68,7 +62,7 @@ def test_explicit_load_of_a_damaged_checkpoint_is_refused(shakespeare, saved_run
     damage(checkpoint)
     result = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, f"--checkpoint.load={checkpoint}",
                      *data_overrides(shakespeare, tmp_path / "run"))  # a new run: checkpoint.load is what it uses
-    line = _one_error_line(result)
+    line = one_line_error(result)
     assert message in line and "step_4" in line, line
 
 
@@ -76,7 +70,7 @@ def test_a_checkpoint_of_another_model_shape_is_refused(shakespeare, saved_run, 
     run_dir = _copy(saved_run, tmp_path)
     result = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, "--model.hidden_size=128",
                      *data_overrides(shakespeare, run_dir))
-    assert "model.hidden_size is 192 in the checkpoint and 128 in this config" in _one_error_line(result)
+    assert "model.hidden_size is 192 in the checkpoint and 128 in this config" in one_line_error(result)
 
 
 def _steps_logged(run_dir: Path) -> int:
@@ -157,6 +151,6 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(shakesp
     else:
         result = run_cli(*command.split(), str(TINY_CONFIG), *RUN_ARGS, f"--checkpoint.load={checkpoint}",
                          *data_overrides(shakespeare, tmp_path / "run"))
-    line = _one_error_line(result)
+    line = one_line_error(result)
     assert f"{checkpoint / 'mp_rank_00_model_states.pt'}: refused to unpickle posix.system" in line, line
     assert not pwned.exists()

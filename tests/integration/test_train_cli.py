@@ -97,7 +97,7 @@ def test_sigterm_saves_exits_requeue_code_and_resumes(shakespeare, reference_run
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{logged}"
     resumed = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, *data_overrides(shakespeare, tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {logged}" in resumed.stdout
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{logged}'} at step {logged}" in resumed.stderr
     _assert_same_trajectory(tmp_path, reference_run, from_step=logged)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -24,9 +23,7 @@ def mcore_world1():
     device.apply_cpu_shims()
     owned = not dist.is_initialized()
     if owned:
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a group of our own, whatever launched pytest
-            os.environ.pop(key, None)
-        env.init_distributed("gloo")
+        env.init_distributed("gloo", single_process=True)
     assert dist.get_world_size() == 1, "these unit tests expect a world of one process"
     env.init_process_groups(ParallelDims(world_size=1), seed=0)
     yield
