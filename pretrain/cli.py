@@ -1,7 +1,7 @@
 """``pretrain`` command line (also ``python -m pretrain``): the root parser.
 
 ``train`` and ``demo`` live here; every package adds its own subcommands with a ``register(subparsers)``
-function: data_pipeline (``tokenizer train``, ``data prepare``), inference (``eval``, ``generate``), finetune,
+function (one that builds models sets ``builds_models``: the CPU shims then go in before megatron-core loads): data_pipeline (``tokenizer train``, ``data prepare``), inference (``eval``, ``generate``), finetune,
 hf (``export hf``). Packages above this one — launch (``launch local|slurm``) — register through the
 ``pretrain.commands`` entry-point group (pyproject.toml), so the library never imports the launcher. Heavy
 imports (megatron-core, DeepSpeed) happen inside the subcommand, so ``--help`` and config errors are instant.
@@ -58,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="world to plan for with --dry-run, e.g. 512")
     p.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="GPU memory the --dry-run estimate must fit (default 80; 10%% is kept in reserve)")
-    p.set_defaults(func=_train, accepts_overrides=True)
+    p.set_defaults(func=_train, accepts_overrides=True, builds_models=True)
 
     p = sub.add_parser("demo", help="tokenizer → shards → tiny GPT on the bundled Shakespeare → eval → generate")
     p.add_argument("--dir", default="runs/demo", help="where the demo writes everything")
     p.add_argument("--steps", type=int, default=300)
-    p.set_defaults(func=_demo, accepts_overrides=True)
+    p.set_defaults(func=_demo, accepts_overrides=True, builds_models=True)
 
     from data_pipeline import cli as data_cli
     from pretrain.finetune import cli as finetune_cli
@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a not in overrides]
     if unknown or (overrides and not getattr(args, "accepts_overrides", False)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if getattr(args, "builds_models", False):
+        # Before megatron-core is first imported: on CPU its import-time torch.compile calls become lazy (a shim).
+        from pretrain import device
+
+        device.apply_cpu_shims()
     try:
         return args.func(args, overrides)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -220,7 +220,36 @@ def _install_cuda_device_args() -> Callable[[], None]:
     return lambda: [u() for u in undo]
 
 
+def _install_lazy_torch_compile() -> Callable[[], None]:
+    # megatron-core decorates its fusion kernels with `torch.compile` at import (jit_fuser in megatron/core/jit.py),
+    # and the decoration alone imports torch._dynamo and torch._inductor: ~1.5 s of every process start that
+    # imports megatron-core, the largest share of a test run's CPU time. On CPU those fused kernels are off
+    # (bias_activation_fusion, bias_dropout_fusion: CUDA only), so they would be compiled for nothing; with this
+    # shim a decorated function compiles on its first call instead. Install before megatron-core is imported (the
+    # CLI does, for every command that builds a model); decorations made earlier stay as they were.
+    compile_now = torch.compile
+
+    def compile_on_first_call(model=None, **kwargs):
+        if model is None:  # used as @torch.compile(...) with options
+            return lambda fn: compile_on_first_call(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_now(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    return _patch(torch, "compile", compile_on_first_call)
+
+
 SHIMS: tuple[Shim, ...] = (
+    Shim("lazy_torch_compile", "torch.compile (megatron.core.jit.jit_fuser, applied at import)",
+         "decorating megatron-core's fusion kernels imports torch._dynamo/_inductor (~1.5 s per process); on CPU "
+         "those kernels are off, so compile on first call", _install_lazy_torch_compile),
     Shim("current_device", "torch.cuda.current_device (called by megatron.core.tensor_parallel.mappings, utils)",
          "mcore allocates TP communication buffers on torch.cuda.current_device()", _install_current_device),
     Shim("rng_tracker", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker",

@@ -2,6 +2,7 @@
 # A one-node Slurm test cluster (Debian 12 packages: munge, slurmctld, slurmd, slurm-client; Slurm 22.05) on this
 # machine, without systemd: daemons are started directly, their PIDs written under $STATE, and stopped by PID.
 #
+#   bash scripts/slurm_cluster.sh install  # apt-get install the packages if missing (scripts/test.sh does this first)
 #   bash scripts/slurm_cluster.sh start    # idempotent: installs (apt) if needed, configures, starts, waits idle
 #   bash scripts/slurm_cluster.sh status   # exit 0 when the controller answers and the node is usable
 #   bash scripts/slurm_cluster.sh stop     # stops the daemons this script started (by PID)
@@ -135,8 +136,9 @@ cmd_status() {
 }
 
 case "${1:-}" in
+    install) install_packages ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
 esac

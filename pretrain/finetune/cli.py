@@ -45,4 +45,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (%(default)s)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head (%(default)s)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="print the loss every N steps")
-    p.set_defaults(func=_finetune)
+    p.set_defaults(func=_finetune, builds_models=True)

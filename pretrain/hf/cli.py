@@ -24,4 +24,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "from_pretrained. Refuses models the HF class cannot express.")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--output", required=True, help="output directory (created; existing files are replaced)")
-    p.set_defaults(func=_export_hf)
+    p.set_defaults(func=_export_hf, builds_models=True)

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", default=None, help="validation shard directory (default: the run's data.valid)")
     p.add_argument("--max-batches", type=int, default=0, help="cap on validation micro batches (0: all)")
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=_eval, builds_models=True)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -44,4 +44,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample from the smallest set of tokens whose probability reaches P (1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_generate, builds_models=True)

@@ -44,12 +44,14 @@ def _bindable(host: str, port: int) -> bool:
 
 def init_distributed(backend: str, timeout_s: float | None = None, single_process: bool = False) -> None:
     """The default process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or, when there
-    is none or ``single_process`` is set, a one-process group of our own on a free port (the environment is left as
-    it is, so nothing leaks into processes started later); then DeepSpeed adopts it. ``timeout_s``: its collective
-    timeout (None: torch's default for the backend). Call ``pretrain.device.apply_cpu_shims()`` first on CPU."""
+    is none or ``single_process`` is set, a one-process group of our own on a free port (the launcher's variables are
+    left as they are, so no stale RANK or MASTER_PORT leaks into processes started later); then DeepSpeed adopts
+    it. ``timeout_s``: its collective timeout (None: torch's default for the backend). Call
+    ``pretrain.device.apply_cpu_shims()`` first on CPU."""
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     if single_process or "RANK" not in os.environ:
         kwargs.update(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it (and only it) from the environment
     dist.init_process_group(backend=backend, **kwargs)
     import deepspeed  # after the device layer chose DeepSpeed's accelerator
 

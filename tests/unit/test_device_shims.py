@@ -85,6 +85,7 @@ PROVEN_BY = {
     "recompute_rng": "test_recompute_rng_is_needed",
     "deepspeed_shm_op": "test_deepspeed_shm_op_is_needed",
     "cuda_device_args": "test_cuda_device_args_is_needed",
+    "lazy_torch_compile": "test_lazy_torch_compile_is_needed",
 }
 
 
@@ -248,6 +249,35 @@ def test_recompute_gives_the_same_gradients_with_dropout():
 
 class _Sentinel(Exception):
     pass
+
+
+# A fresh process (megatron-core is imported once per process): import it after the shims, all of them or all but
+# lazy_torch_compile, and report whether torch.compile's machinery got loaded and what a decorated function is.
+_IMPORT_AFTER_SHIMS = r"""
+import sys
+from pretrain import device
+device.apply_cpu_shims(exclude=tuple(sys.argv[1:]))
+import megatron.core.fusions.fused_bias_geglu as geglu
+print("torch._dynamo" in sys.modules, "torch._inductor" in sys.modules,
+      getattr(getattr(geglu.bias_geglu, "__wrapped__", None), "__name__", None))
+"""
+
+
+def test_lazy_torch_compile_is_needed():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+
+    def loaded(*exclude: str) -> str:
+        result = subprocess.run([sys.executable, "-c", _IMPORT_AFTER_SHIMS, *exclude], capture_output=True,
+                                text=True, cwd=REPO, env=cli_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.split()
+
+    assert loaded("lazy_torch_compile")[:2] == ["True", "True"]  # decorating at import loads dynamo + inductor
+    # Deferred: the decorated kernel wraps the original, compiled by torch.compile on its first call, if ever.
+    assert loaded() == ["False", "False", "bias_geglu"]
 
 
 def test_deepspeed_shm_op_is_needed(monkeypatch):

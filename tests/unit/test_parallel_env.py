@@ -20,8 +20,8 @@ from pretrain.parallel import env
 before = dict(os.environ)
 device.apply_cpu_shims()
 env.init_distributed("gloo", single_process=sys.argv[1] == "1")
-assert dist.get_world_size() == 1 and dist.get_rank() == 0
-launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+assert dist.get_world_size() == 1 and dist.get_rank() == 0 and os.environ["LOCAL_RANK"] in ("0", before.get("LOCAL_RANK"))
+launcher = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # LOCAL_RANK: DeepSpeed reads it
 leaked = [k for k in launcher if before.get(k) != os.environ.get(k)]
 env.shutdown()
 print(leaked)
