@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if getattr(args, "builds_models", False):
         # Before megatron-core is first imported: on CPU its import-time torch.compile calls become lazy (a shim).
+        # The other shims come with the code that builds a model, so a dry run imports no DeepSpeed.
         from pretrain import device
 
-        device.apply_cpu_shims()
+        device.apply_cpu_shims(only=device.IMPORT_TIME_SHIMS)
     try:
         return args.func(args, overrides)
     except (ConfigError, DataError, CheckpointError) as e:

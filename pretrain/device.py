@@ -268,14 +268,20 @@ SHIMS: tuple[Shim, ...] = (
 _installed: dict[str, Callable[[], None]] = {}
 
 
-def apply_cpu_shims(exclude: tuple[str, ...] = ()) -> list[str]:
-    """Install every shim not in ``exclude``; no-op when CUDA is available. Idempotent. Returns installed names."""
+# Shims that must be in place before megatron-core is first imported and import nothing heavy themselves: the CLI
+# installs these for every model-building command, so a `--dry-run` still loads neither DeepSpeed nor a model.
+IMPORT_TIME_SHIMS = ("lazy_torch_compile",)
+
+
+def apply_cpu_shims(exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> list[str]:
+    """Install every shim not in ``exclude`` (only those in ``only`` when given); no-op when CUDA is available.
+    Idempotent. Returns the installed names."""
     if cuda_available():
         return []
     # DeepSpeed picks its accelerator at import; without this it probes for CUDA and warns on every rank.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for shim in SHIMS:
-        if shim.name not in exclude and shim.name not in _installed:
+        if shim.name not in exclude and shim.name not in _installed and (only is None or shim.name in only):
             _installed[shim.name] = shim.install()
     return sorted(_installed)
 
