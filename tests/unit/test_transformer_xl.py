@@ -285,3 +285,19 @@ def test_tensor_parallel_2_equals_1():
             torch.testing.assert_close(pair[rank][key], single[key], rtol=1e-5, atol=1e-5, msg=key)
         for mine, ref in zip(pair[rank]["mems"], single["mems"]):
             torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute, refused", [("full", True), ("selective", False), ("none", False)])
+def test_full_recompute_is_refused_by_the_family_check(recompute, refused):
+    """Full recomputation would run each segment twice and advance its memory twice: the family's check_config
+    (what `train` and `--dry-run` call) refuses it in one line naming the key."""
+    from pretrain import models
+    from pretrain.config import load
+    from tests.conftest import REPO
+
+    cfg = load(REPO / "configs" / "txl" / "tiny.yaml", [f"--parallel.activation_checkpointing={recompute}"])
+    if refused:
+        with pytest.raises(ConfigError, match=r"^parallel\.activation_checkpointing: full recomputation"):
+            models.get("transformer_xl").check_config(cfg)
+    else:
+        models.get("transformer_xl").check_config(cfg)
