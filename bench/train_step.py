@@ -14,11 +14,12 @@ same batch size, same rows of the bundled corpus.
 A/B runs alternate in one process after warm-up (--rounds rounds of --steps steps each, each side); the median step
 time of each side gives tokens/s and the ratio ours / baseline (time; 1.00 = as fast, > 1 = slower).
 
-On a GPU: GPT-3 shapes at seq 2048 with GPT-2's vocabulary (50257, padded to 50304), bf16 (ours: DeepSpeed's bf16
-optimizer with fp32 master weights; baseline: fp32 weights under bf16 autocast), and model TFLOP/s and MFU from
-`pretrain.models.gpt.flops_per_token` (Megatron's formula, attention scores included, not halved for causality)
-against the device's dense bf16 peak (`pretrain.metrics.prometheus.PEAK_FLOPS`). The unfused-attention baseline is
-a CPU diagnostic and is left out there (its [b, n, s, s] scores at s = 2048 would dominate memory).
+On a GPU: GPT-3 shapes at seq 2048 with GPT-2's vocabulary (50257, padded to 50304), bf16 (ours: the training
+engine's bf16 path, fp32 master weights and gradients; baseline: fp32 weights under bf16 autocast), and model
+TFLOP/s and MFU from `pretrain.models.gpt.flops_per_token` (Megatron's formula, attention scores included, not
+halved for causality) against the device's dense bf16 peak (`pretrain.metrics.prometheus.PEAK_FLOPS`). The
+unfused-attention baseline is a CPU diagnostic and is left out there (its [b, n, s, s] scores at s = 2048 would
+dominate memory).
 
 ``--json`` writes every figure (tokens/s, model TFLOP/s, MFU per side) for scripts/gpu_check.sh to check;
 ``--peak-tflops`` overrides the device's peak (as metrics.peak_tflops does), which also gives MFU on a CPU.
