@@ -14,10 +14,13 @@ from pretrain.parallel.env import free_port, init_distributed
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
+    import torch
     import torch.distributed as dist
 
     from pretrain import device
 
+    if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # as torchrun does for several local processes: no oversubscribed cores
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:

@@ -2,33 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "debug" / "gpt_tiny.yaml"
 
+# Under pytest-xdist each worker has about one core of the 2-core CI machine: one intra-op thread in each test
+# process and in the runs it starts (they inherit it), instead of two threads per process on a busy core.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first (tests keep their order within a module). The two workers take whole modules
+    in collection order, so the long ones start early and the short ones fill in at the end, instead of a long
+    module starting last while the other worker idles."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+
+#: Characters of held-out text the tests validate on: the opening of the first held-out play, ~150 sequences of 128
+#: tokens (9 batches of gpt_tiny's 16). The whole held-out split (3 plays, ~1,300 sequences) made every test run's
+#: final validation pass ~12 s of CPU; the CLI's own validation code is the same for any length.
+VALID_CHARS = 40_000
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A directory shared by every pytest-xdist worker of this run (their base temp directories' parent), held
+    under a file lock inside the ``with``: the first worker to arrive builds it, the others find it built."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with FileLock(str(root / f"{name}.lock")):
+        yield root / name
+
 
 @pytest.fixture(scope="session")
 def shakespeare(tmp_path_factory) -> dict[str, Path]:
-    """Tokenizer + train/valid shards of the bundled corpus at gpt_tiny's sequence length (real data, ~10 s)."""
+    """Tokenizer + train/valid shards of the bundled corpus at gpt_tiny's sequence length (real data, ~10 s, once
+    per run); valid is the opening VALID_CHARS of the first held-out play. Tests copy what they damage."""
     from data_pipeline.corpus import extract_bundled
     from data_pipeline.shards import prepare_shards
     from data_pipeline.tokenizer import train_tokenizer
 
-    out = tmp_path_factory.mktemp("shakespeare")
-    splits = extract_bundled(out / "corpus")
-    tokenizer = train_tokenizer([str(splits["train"])], str(out / "tokenizer"), vocab_size=1024)
-    paths = {"tokenizer": Path(tokenizer)}
-    for split in ("train", "valid"):
-        prepare_shards([str(splits[split])], str(tokenizer), str(out / split), seq_length=128,
-                       samples_per_shard=4, sequences_per_sample=64, prefix=split)
-        paths[split] = out / split
+    with built_once(tmp_path_factory, "shakespeare") as out:
+        paths = {"tokenizer": out / "tokenizer.model", "train": out / "train", "valid": out / "valid"}
+        if not (out / "built").is_file():
+            splits = extract_bundled(out / "corpus")
+            first_play = json.loads(splits["valid"].read_text().splitlines()[0])
+            splits["valid"].write_text(json.dumps({**first_play, "text": first_play["text"][:VALID_CHARS]}) + "\n")
+            tokenizer = train_tokenizer([str(splits["train"])], str(out / "tokenizer"), vocab_size=1024)
+            assert Path(tokenizer) == paths["tokenizer"], tokenizer
+            for split in ("train", "valid"):
+                prepare_shards([str(splits[split])], str(tokenizer), str(paths[split]), seq_length=128,
+                               samples_per_shard=4, sequences_per_sample=64, prefix=split)
+            (out / "built").touch()
     return paths
 
 

@@ -1,4 +1,7 @@
-"""`torchrun --nproc_per_node=2 -m pretrain train` for every ZeRO stage: replicas agree, stages agree."""
+"""`torchrun --nproc_per_node=2 -m pretrain train` at ZeRO 0 and 3: replicas agree, stages agree.
+
+The real launcher, end to end. Every other layout (ZeRO 1-3, TP, PP, their products, bf16) is compared with the
+single process in tests/distributed/test_parallel_layouts.py, in one process group per world size."""
 
 from __future__ import annotations
 
@@ -6,12 +9,12 @@ import pytest
 
 from tests.conftest import TINY_CONFIG, data_overrides, read_metrics, run_cli
 
-STEPS = 12
+STEPS = 6
 _losses: dict[int, dict[int, float]] = {}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 3])
 def test_torchrun_two_ranks_zero_stage(stage, shakespeare, tmp_path):
     result = run_cli("train", str(TINY_CONFIG), f"--parallel.zero_stage={stage}", f"--train.steps={STEPS}",
                      "--train.log_every=1", "--checkpoint.every_steps=0", "--train.eval_batches=2",
@@ -29,19 +32,3 @@ def test_torchrun_two_ranks_zero_stage(stage, shakespeare, tmp_path):
     for other, losses in _losses.items():
         for step, loss in losses.items():
             assert _losses[stage][step] == pytest.approx(loss, rel=1e-5), (stage, other, step)
-
-
-@pytest.mark.slow
-def test_tensor_parallel_two_matches_one_process(shakespeare, tmp_path):
-    common = ["--train.steps=10", "--train.log_every=1", "--checkpoint.every_steps=0", "--train.eval_batches=2"]
-    single = run_cli("train", str(TINY_CONFIG), *common, *data_overrides(shakespeare, tmp_path / "tp1"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    tp2 = run_cli("train", str(TINY_CONFIG), "--parallel.tensor=2", *common,
-                  *data_overrides(shakespeare, tmp_path / "tp2"), torchrun_nproc=2)
-    assert tp2.returncode == 0, tp2.stdout[-3000:] + tp2.stderr[-3000:]
-    assert "'tensor': 2, 'pipeline': 1, 'virtual_pipeline': 1, 'data': 1" in tp2.stderr
-    ref, ours = read_metrics(tmp_path / "tp1"), read_metrics(tmp_path / "tp2")
-    for step in range(1, 11):
-        # megatron-core splits the same full-size init across TP ranks, so the runs agree to rounding.
-        assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
-        assert ours[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, run_cli, value_after
-from tests.gpu.support import DEVICE, cuda_or_dry_run, trained_on_device_in_bf16
+from tests.conftest import REPO, cli_env, run_cli, value_after
+from tests.gpu.support import DEVICE, cuda_or_dry_run
 
 pytestmark = [pytest.mark.gpu, cuda_or_dry_run]
 
-STEPS = 30
 # The same bf16 weight values in fp32 on both sides: only kernel rounding differs (fp32, no TF32), so the largest
 # logit difference is around 1e-7 to 1e-6 of the largest logit (measured on CPU: 2.5e-7); 1e-4 leaves room for
 # other kernels and is still far below a real mismatch (a wrong activation or layout gives >= 1e-3).
@@ -25,17 +23,6 @@ REL_TOL_FP32 = 1e-4
 # CPU: 2.6e-3 of the largest logit, the most likely next token the same at every position).
 REL_TOL_BF16 = 2e-2
 TOP1_BF16 = 0.9
-
-
-@pytest.fixture(scope="module")
-def bf16_run(shakespeare, tmp_path_factory) -> Path:
-    """gpt_tiny trained STEPS steps in bf16 on this device, with its checkpoint."""
-    run_dir = tmp_path_factory.mktemp("bf16") / "run"
-    trained = run_cli("train", str(TINY_CONFIG), f"--train.steps={STEPS}", f"--checkpoint.every_steps={STEPS}",
-                      "--train.precision=bf16", "--train.log_every=10", *data_overrides(shakespeare, run_dir))
-    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
-    assert trained_on_device_in_bf16(trained.stderr), trained.stderr[-2000:]
-    return run_dir
 
 
 def test_bf16_trained_gpt_exports_to_transformers_with_equal_logits(bf16_run, tmp_path, record_property):

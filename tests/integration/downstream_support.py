@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import TINY_CONFIG, data_overrides, run_cli
+from tests.conftest import TINY_CONFIG, built_once, data_overrides, run_cli
 
 PRETRAIN_STEPS = 60
 # The tokenizer has 1024 pieces; padding the embedding to a multiple of 100 gives 1100 rows, so the export must
@@ -26,8 +26,10 @@ def train_gpt(shakespeare: dict[str, Path], run_dir: Path, *overrides: str, step
 
 
 def pretrained_gpt(shakespeare: dict[str, Path], tmp_path_factory) -> Path:
-    """The session's pretrained gpt_tiny (60 steps), shared by test modules through a fixed directory."""
-    return train_gpt(shakespeare, tmp_path_factory.getbasetemp() / "downstream_gpt")
+    """The session's pretrained gpt_tiny (60 steps), trained once per run and shared by test modules (and
+    pytest-xdist workers)."""
+    with built_once(tmp_path_factory, "downstream_gpt") as run_dir:
+        return train_gpt(shakespeare, run_dir)
 
 
 def which_play_examples(out_dir: Path, plays: tuple[str, ...] = ("Hamlet", "The Tempest"),

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO, cli_env
 from tests.unit.test_readme import tour_commands
 
-pytestmark = pytest.mark.slow  # ~1 min on 2 idle cores: six CLI processes, 50 training steps
+pytestmark = pytest.mark.slow  # ~1 min on 2 idle cores: six CLI processes, 30 training steps
 
 
 def test_readme_tour_runs(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ def reference_run(shakespeare, tmp_path_factory) -> Path:
     return train_tiny(shakespeare, tmp_path_factory.mktemp("reference"), *RUN_ARGS)
 
 
+@pytest.mark.slow  # the 60-step reference run
 def test_loss_falls_metrics_and_checkpoint(reference_run):
     metrics = read_metrics(reference_run)
     assert sorted(metrics) == list(range(1, STEPS + 1))  # one record per logged step (log_every=1)
@@ -64,41 +64,40 @@ def _assert_same_trajectory(run_dir: Path, reference: Path, from_step: int) -> N
         assert ours[step]["loss"] == ref[step]["loss"], (step, ours[step]["loss"], ref[step]["loss"])
 
 
-def test_kill_after_checkpoint_then_rerun_continues(shakespeare, reference_run, tmp_path):
-    proc = _start(shakespeare, tmp_path)
-    _wait_for(tmp_path / "checkpoints" / "step_20" / "COMMITTED", proc)
-    proc.kill()  # SIGKILL: no chance to save anything more
-    proc.wait()
-    resumed = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, *data_overrides(shakespeare, tmp_path))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    step = int(re.search(r"resumed from \S+ at step (\d+)", resumed.stderr).group(1))
-    assert 20 <= step < STEPS, resumed.stderr[-3000:]
-    _assert_same_trajectory(tmp_path, reference_run, from_step=step)
-
-
-def test_sigterm_saves_exits_requeue_code_and_resumes(shakespeare, reference_run, tmp_path):
-    """SIGTERM, then a second SIGTERM while the checkpoint it asked for is being written (a 3 s save window)."""
+@pytest.mark.slow
+def test_sigkill_then_sigterm_twice_and_each_rerun_continues_the_trajectory(shakespeare, reference_run, tmp_path):
+    """The two interruptions a Slurm job meets, in one run. SIGKILL right after the step-20 checkpoint: nothing
+    more is saved, and the rerun resumes from step 20. Then SIGTERM, and a second SIGTERM while the checkpoint it
+    asked for is being written (a 3 s save window): the save completes and the run exits with the requeue code. The
+    last rerun resumes from that checkpoint and ends on the uninterrupted run's losses, bitwise."""
     from pretrain.fault_tolerance import REQUEUE_EXIT_CODE
 
-    proc = _start(shakespeare, tmp_path, faults="save_delay_s=3")
     checkpoints = tmp_path / "checkpoints"
+    proc = _start(shakespeare, tmp_path)
     _wait_for(checkpoints / "step_20" / "COMMITTED", proc)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+
+    proc = _start(shakespeare, tmp_path, faults="save_delay_s=3")
+    _wait_for(checkpoints / "step_40" / "COMMITTED", proc)
     proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 120
-    while not (saving := [p for p in checkpoints.glob("step_*") if p.name != "step_20"]):  # its save began
+    while not (saving := [p for p in checkpoints.glob("step_*") if p.name not in ("step_20", "step_40")]):
         assert proc.poll() is None and time.monotonic() < deadline, "the signal's checkpoint never started"
         time.sleep(0.02)
     assert not (saving[0] / "COMMITTED").exists()
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    assert f"resumed from {checkpoints / 'step_20'} at step 20" in output, output[-3000:]
     logged = max(read_metrics(tmp_path))  # the step the signal was acted on (every step is logged)
-    assert (tmp_path / "checkpoints" / f"step_{logged}" / "COMMITTED").is_file()
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{logged}"
+    assert logged > 40 and (checkpoints / f"step_{logged}" / "COMMITTED").is_file()
+    assert (checkpoints / "latest").read_text().strip() == f"step_{logged}"
+
     resumed = run_cli("train", str(TINY_CONFIG), *RUN_ARGS, *data_overrides(shakespeare, tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{logged}'} at step {logged}" in resumed.stderr
-    _assert_same_trajectory(tmp_path, reference_run, from_step=logged)
+    assert f"resumed from {checkpoints / f'step_{logged}'} at step {logged}" in resumed.stderr
+    _assert_same_trajectory(tmp_path, reference_run, from_step=20)
 
 
 @pytest.mark.parametrize("override, key", [
