@@ -8,9 +8,16 @@ from pathlib import Path
 
 def _local(args, overrides: list[str]) -> int:
     from launch.local import LocalLaunch, run
+    from pretrain import config
+    from pretrain.fault_tolerance import HANG_DIR
 
+    # The launcher reads the run's config too (a bad one fails here, before any process starts): how long the
+    # rendezvous may wait for the other nodes (ft.startup_timeout_s), and where ranks report hangs.
+    cfg = config.load(args.config, overrides)
     launch = LocalLaunch(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                         rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts)
+                         rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
+                         join_timeout_s=cfg.ft.startup_timeout_s or 600.0,
+                         hang_dir=str(Path(cfg.run.dir) / HANG_DIR))
     return run(launch, ["train", args.config, *overrides])
 
 

@@ -24,11 +24,13 @@ SIGINT/SIGHUP/SIGQUIT stay torchrun's (abort).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from pretrain.fault_tolerance import HANG_EXIT_CODE, REQUEUE_EXIT_CODE
 
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 #: Signals that ask the training processes to checkpoint and stop (pretrain.fault_tolerance.StopSignal); the launcher forwards
 #: them itself. torchrun keeps the rest of its default set (SIGTERM,SIGINT,SIGHUP,SIGQUIT).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: A file (set by slurm/multi_node.sbatch) to which a launcher whose node held a frozen rank appends its hostname.
+HUNG_NODES_ENV = "PRETRAIN_HUNG_NODES_FILE"
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
@@ -56,9 +60,16 @@ class LocalLaunch:
     rdzv_id: str = "pretrain"
     #: Times torchrun restarts all workers after one fails (elastic restart; they resume from the checkpoint).
     max_restarts: int = 0
+    #: Seconds the rendezvous waits for every node (torchrun's join_timeout; the run's ft.startup_timeout_s):
+    #: a node that never arrives ends the launch with one error line instead of torchrun's 600 s default wait.
+    join_timeout_s: float = 600.0
+    #: The run directory's hang/ (pretrain.fault_tolerance.HANG_DIR) where ranks write hang reports; None: the
+    #: launcher does not watch for hangs (then a frozen worker is left to torchrun).
+    hang_dir: str | None = None
 
     def __post_init__(self):
         from pretrain.errors import ConfigError
+        from pretrain.parallel.preflight import check_rendezvous_host
 
         if self.nproc < 1:
             raise ConfigError(f"--nproc: must be >= 1, got {self.nproc}")
@@ -72,6 +83,8 @@ class LocalLaunch:
             raise ConfigError(f"--rdzv-endpoint: expected HOST:PORT, got {self.rdzv_endpoint!r}")
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank: must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.rdzv_endpoint:
+            check_rendezvous_host(self.rdzv_endpoint.rpartition(":")[0].strip("[]"), self.nnodes)
 
 
 def _valid_endpoint(text: str) -> bool:
@@ -87,7 +100,7 @@ def torchrun_args(launch: LocalLaunch, pretrain_args: list[str]) -> list[str]:
         args.append("--standalone")
     else:
         args += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
-                 f"--rdzv-id={launch.rdzv_id}"]
+                 f"--rdzv-id={launch.rdzv_id}", f"--rdzv-conf=join_timeout={launch.join_timeout_s:g}"]
         if launch.node_rank is not None:
             args.append(f"--node-rank={launch.node_rank}")
     return args + ["-m", "pretrain", *pretrain_args]
@@ -170,17 +183,151 @@ def _training_processes():
     return found
 
 
+class HangMonitor:
+    """Watches the run's hang/ directory while this node's workers run (a thread of the launcher, which no frozen
+    worker can stop). Once any rank of the job, on any node, has reported a hang, each of this node's training
+    processes that has not written its own report within ``grace_s`` is frozen (SIGSTOP, a stuck driver call that
+    holds the GIL past the backstop) or gone: the monitor writes its report from outside (process state, kernel
+    wait channel), SIGKILLs it and records its rank in ``killed``, so the node exits 86 like its peers instead of
+    waiting on a process that will never move. Reports older than the monitor (an earlier attempt's) are
+    ignored."""
+
+    def __init__(self, hang_dir: str, grace_s: float = 5.0, poll_s: float = 0.5):
+        import threading
+        import time
+
+        self.hang_dir, self.grace_s, self.poll_s = Path(hang_dir), grace_s, poll_s
+        self.started = time.time()
+        #: Ranks this monitor killed for not reporting their own hang.
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pretrain-hang-monitor", daemon=True)
+
+    def __enter__(self) -> "HangMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _fresh_reports(self) -> dict[int, Path]:
+        found = {}
+        for path in self.hang_dir.glob("rank_*.txt"):
+            try:
+                if path.stat().st_mtime >= self.started and path.stem.removeprefix("rank_").isdigit():
+                    found[int(path.stem.removeprefix("rank_"))] = path
+            except FileNotFoundError:
+                pass
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if reports := self._fresh_reports():
+                break
+        else:
+            return
+        first = min(reports)
+        if self._stop.wait(self.grace_s):
+            return
+        reported = self._fresh_reports()
+        for proc in _training_processes():
+            rank = _rank_of(proc)
+            if rank is None or rank in reported:
+                continue
+            self._report_and_kill(proc, rank, first)
+
+    def _report_and_kill(self, proc, rank: int, first: int) -> None:
+        import psutil
+        import socket
+
+        from pretrain.fault_tolerance import hang_file
+
+        try:
+            status = proc.status()
+            wchan = Path(f"/proc/{proc.pid}/wchan").read_text().strip() or "-"
+        except (psutil.Error, OSError):
+            status, wchan = "gone", "-"
+        line = (f"rank {rank} (host {socket.gethostname()}, pid {proc.pid}): no hang report of its own within "
+                f"{self.grace_s:g} s of rank {first}'s; process {status} (kernel wait channel {wchan}); killed by "
+                "its launcher (SIGKILL) - suspect this rank or its host\n")
+        try:
+            hang_file(self.hang_dir, rank).write_text(line)
+        except OSError as e:
+            line += f"(could not write its report: {e})\n"
+        logger.error("launch: %s", line.strip())
+        self.killed.append(rank)
+        try:
+            proc.kill()  # SIGKILL ends a stopped process too
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _rank_of(proc) -> int | None:
+    """The global RANK torchrun gave a worker (from its environment)."""
+    import psutil
+
+    try:
+        return int(proc.environ()["RANK"])
+    except (psutil.Error, KeyError, ValueError):
+        return None
+
+
 def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
     """Run torchrun in this process until this node's workers are done; returns :func:`node_exit_code` of their
-    exit codes (75: every worker checkpointed on a signal, rerun to resume; 86: a hang)."""
+    exit codes (75: every worker checkpointed on a signal, rerun to resume; 86: a hang, also one this node's
+    :class:`HangMonitor` ended; 1 when not every node arrived at the rendezvous within ``join_timeout_s``)."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    from pretrain.parallel.preflight import NNODES_ENV
+
+    args = torchrun_args(launch, pretrain_args)
+    logger.info("launch: torchrun %s", " ".join(args))
+    os.environ[NNODES_ENV] = str(launch.nnodes)  # the workers' preflight checks that this many nodes joined
+    # A node that replaces a lost one must be able to join the next rendezvous round. With the rendezvous TCP
+    # store shared with the workers (torch's default since 2.4), rank 0's agent publishes MASTER_ADDR/PORT only in
+    # its first round, and the newcomer waits for them in the new round's keys forever while rank 0 waits for the
+    # newcomer (torch 2.13, dynamic_rendezvous.next_rendezvous; tests/multinode/test_torchrun_hosts.py). Without
+    # sharing, rank 0 publishes them every round and the workers start a store of their own, as before 2.4.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    forwarder = StopForwarder()
+    previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
+    monitor = HangMonitor(launch.hang_dir) if launch.hang_dir else None
+    try:
+        with monitor or contextlib.nullcontext():
+            code = _run_torchrun(args, launch, forwarder)
+    except RendezvousTimeoutError:
+        logger.error("launch: not all %d nodes arrived at the rendezvous %s (id %s) within %g s "
+                     "(ft.startup_timeout_s); check that every node runs this launch with the same endpoint and id "
+                     "and can reach it", launch.nnodes, launch.rdzv_endpoint, launch.rdzv_id, launch.join_timeout_s)
+        return 1
+    except Exception:
+        if not (monitor and monitor.killed):
+            raise
+        # The agent can fail on its way out of a hang (its peers' store is gone): the hang is what to report.
+        logger.warning("launch: torchrun failed after a hang", exc_info=True)
+        code = HANG_EXIT_CODE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if monitor and monitor.killed:
+        logger.error("launch: rank(s) %s never reported their own hang and were killed; exit code %d",
+                     monitor.killed, HANG_EXIT_CODE)
+        if hung_nodes_file := os.environ.get(HUNG_NODES_ENV):  # slurm/multi_node.sbatch excludes these on requeue
+            import socket
+
+            with open(hung_nodes_file, "a") as f:
+                f.write(socket.gethostname() + "\n")
+        return HANG_EXIT_CODE
+    return code
+
+
+def _run_torchrun(args: list[str], launch: LocalLaunch, forwarder: StopForwarder) -> int:
+    """torchrun's own entry with our signal forwarder installed; the node's exit code from the workers'."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun_args(launch, pretrain_args)
-    logger.info("launch: torchrun %s", " ".join(args))
-    forwarder = StopForwarder()
-    previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
     try:
         torchrun.run(torchrun.parse_args(args))
         return 0
@@ -197,6 +344,3 @@ def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
         logger.warning("launch: training processes exited with %s after %s: exit code %d", forwarder.codes,
                        signal.Signals(forwarder.signum).name, code)
         return code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

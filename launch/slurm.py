@@ -1,7 +1,8 @@
 """``pretrain launch slurm``: render one of the slurm/*.sbatch templates and submit it with sbatch.
 
-Template choice: ``requeue.sbatch`` with ``--requeue``; else ``multi_node.sbatch`` (srun → one torchrun per node)
-for more than one node (or with ``--torchrun``), ``single_node.sbatch`` (srun → one task per GPU) for one. On CPU clusters (tests, laptops)
+Template choice: ``multi_node.sbatch`` (srun → one ``pretrain launch local`` per node, requeue handling with
+``--requeue``) for more than one node or with ``--torchrun``; else ``requeue.sbatch`` with ``--requeue`` and
+``single_node.sbatch`` without (srun → one task per GPU). On CPU clusters (tests, laptops)
 ``--gpus-per-node 0 --procs-per-node P`` asks for P tasks (gloo processes) per node and no GPUs.
 """
 
@@ -85,8 +86,6 @@ class SlurmJob:
             raise ConfigError("--procs-per-node: required (>= 1) with --gpus-per-node 0 (CPU processes per node)")
         if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time):
             raise ConfigError(f"--time: expected [D-]HH:MM:SS or minutes, got {self.time!r}")
-        if self.requeue and self.torchrun:
-            raise ConfigError("--torchrun: not with --requeue (the requeue template runs one srun task per GPU)")
         if self.signal_seconds < 1:
             raise ConfigError(f"--signal-seconds: must be >= 1, got {self.signal_seconds}")
 
@@ -108,10 +107,11 @@ def check_script_text(flag: str, value: str | None) -> None:
 
 
 def template_name(job: SlurmJob) -> str:
-    """Which slurm/ template the job uses."""
-    if job.requeue:
-        return "requeue.sbatch"
-    return "multi_node.sbatch" if job.nodes > 1 or job.torchrun else "single_node.sbatch"
+    """Which slurm/ template the job uses: one launcher per node for several nodes (or --torchrun), with or
+    without requeue; else one task per GPU, with (requeue.sbatch) or without requeue."""
+    if job.nodes > 1 or job.torchrun:
+        return "multi_node.sbatch"
+    return "requeue.sbatch" if job.requeue else "single_node.sbatch"
 
 
 def sbatch_lines(job: SlurmJob) -> list[str]:
@@ -121,10 +121,11 @@ def sbatch_lines(job: SlurmJob) -> list[str]:
              f"--ntasks-per-node={1 if one_task_per_node else job.tasks_per_node}"]
     if job.gpus_per_node:
         lines.append(f"--gpus-per-node={job.gpus_per_node}")
-    if one_task_per_node:  # the torchrun task holds the CPUs of all its workers
+    # Always explicit: the templates pass SLURM_CPUS_PER_TASK on to srun (which stopped inheriting it in 22.11).
+    if one_task_per_node:  # the launcher's task holds the CPUs of all its workers
         lines.append(f"--cpus-per-task={(job.cpus_per_task or 1) * job.tasks_per_node}")
-    elif job.cpus_per_task:
-        lines.append(f"--cpus-per-task={job.cpus_per_task}")
+    else:
+        lines.append(f"--cpus-per-task={job.cpus_per_task or 1}")
     for flag, value in (("--partition", job.partition), ("--time", job.time), ("--output", job.output)):
         if value:
             lines.append(f"{flag}={value}")
@@ -149,6 +150,9 @@ def render(job: SlurmJob, train_args: list[str], python: str = sys.executable) -
         "@OMP_THREADS@": (f"$(( ${{SLURM_CPUS_PER_TASK:-{job.tasks_per_node}}} / {job.tasks_per_node} ))"
                           if template_name(job) == "multi_node.sbatch" else "${SLURM_CPUS_PER_TASK:-1}"),
         "@SIGNAL_SECONDS@": str(job.signal_seconds),
+        "@REQUEUE@": "1" if job.requeue else "0",
+        # Reruns append to the same log instead of truncating it.
+        "@REQUEUE_SBATCH@": "#SBATCH --requeue\n#SBATCH --open-mode=append" if job.requeue else "",
     }
     for key, value in values.items():
         text = text.replace(key, value)

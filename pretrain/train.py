@@ -19,7 +19,7 @@ from pretrain import models
 from pretrain.config import Config, dump, to_yaml
 from pretrain.errors import ConfigError
 from pretrain.config.validation import validate_local
-from pretrain.parallel import env, slurm_env
+from pretrain.parallel import env, preflight, slurm_env
 from pretrain.parallel.dims import ParallelDims
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
     train_data, valid_data = spec.make_readers(cfg, reader_args)
     accumulation = dims.grad_accumulation_steps(cfg.train.micro_batch_size, cfg.train.global_batch_size)
     assert train_data.accumulation == accumulation, (train_data.accumulation, accumulation)
+    # Before the model: a job wired wrongly (ranks that disagree, missing nodes) fails here, on every rank alike.
+    checked = preflight.run(to_yaml(cfg), train_data.manifest, cfg.ft.preflight_allreduce_mib, device.device)
 
     # Model and engine.
     vocab_size = models.padded_vocab_size(cfg.model.vocab_size or train_data.manifest["vocab_size"],
@@ -96,14 +98,15 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
         logger.info("model %s: %.2fM parameters on rank 0 | layout %s | device %s %s | run dir %s", cfg.model.family,
                     n_params / 1e6, layout, device.device, str(device.dtype).removeprefix("torch."), run_dir)
+    exporter = prometheus.from_config(cfg, int(os.environ.get("LOCAL_RANK", "0")), rank, layout, to_yaml(cfg),
+                                      tokens_per_sample=cfg.model.seq_length, device_name=device.name)
+    if exporter is not None:
+        exporter.allreduce_bus_bandwidth = checked.bus_bandwidth_gbps
     return Trainer(
         cfg, spec, spec.make_batch_fn(cfg, train_data.manifest), engine, train_data, valid_data,
         checkpoints=CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                       cfg.checkpoint.async_save, layout),
-        metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0, exporter=prometheus.from_config(
-            cfg, int(os.environ.get("LOCAL_RANK", "0")), rank, layout, to_yaml(cfg),
-            tokens_per_sample=cfg.model.seq_length,
-            device_name=device.name)),
+        metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0, exporter=exporter),
         device=device.device,
         accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),

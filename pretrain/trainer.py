@@ -12,6 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.faults = ft.TestFaults.from_env()
         self.watchdog = ft.Watchdog(cfg.ft.step_timeout_s, cfg.ft.startup_timeout_s, cfg.ft.save_timeout_s,
-                                    rank=self.rank)
+                                    rank=self.rank, hang_dir=Path(cfg.run.dir) / ft.HANG_DIR)
         self.watchdog.beat(1, "startup (resume, first step)")
         self.skipped_in_a_row = 0
 

@@ -6,6 +6,7 @@
 #   bash scripts/slurm_cluster.sh start    # idempotent: installs (apt) if needed, configures, starts, waits idle
 #   bash scripts/slurm_cluster.sh status   # exit 0 when the controller answers and the node is usable
 #   bash scripts/slurm_cluster.sh stop     # stops the daemons this script started (by PID)
+#   bash scripts/slurm_cluster.sh munge    # installs (apt) if needed and starts munged only (scripts/slurm_hosts.sh)
 #
 # Partitions: `debug` (default, PriorityTier=1) and `urgent` (PriorityTier=10): a job submitted to `urgent`
 # preempts (requeues) `debug` jobs, sending them their --signal first (preempt_send_user_signal).
@@ -140,5 +141,6 @@ case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
+    munge) install_packages; mkdir -p "$STATE"; start_munge ;;
+    *) echo "usage: $0 install|start|stop|status|munge" >&2; exit 2 ;;
 esac

@@ -247,6 +247,10 @@ class FtConfig:
     spike_window: int = 100
     #: What a loss spike does: warn (count it, update as usual) or skip (also skip its update, like a NaN).
     spike_policy: Literal["warn", "skip"] = "warn"
+    #: Preflight (multi-process runs, before the first step): MiB of fp32 per rank in the timed all-reduce whose
+    #: bus bandwidth is logged and exported (pretrain_preflight_allreduce_bus_bandwidth_bytes); 0 skips the timing
+    #: (the agreement checks always run). 64 MiB is large enough to measure the link, not the latency.
+    preflight_allreduce_mib: float = 64.0
 
 
 @dataclass

@@ -65,7 +65,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.shuffle_window_blocks > 0, "data.shuffle_window_blocks",
              f"must be > 0, got {cfg.data.shuffle_window_blocks}")
     for key, value in [("ft.step_timeout_s", cfg.ft.step_timeout_s), ("ft.startup_timeout_s", cfg.ft.startup_timeout_s),
-                       ("ft.save_timeout_s", cfg.ft.save_timeout_s), ("ft.spike_zscore", cfg.ft.spike_zscore)]:
+                       ("ft.save_timeout_s", cfg.ft.save_timeout_s), ("ft.spike_zscore", cfg.ft.spike_zscore),
+                       ("ft.preflight_allreduce_mib", cfg.ft.preflight_allreduce_mib)]:
         _require(0 <= value < math.inf, key, f"must be a finite number >= 0 (0 disables), got {value}")
     _require(cfg.ft.max_skipped_in_a_row >= 0, "ft.max_skipped_in_a_row",
              f"must be >= 0, got {cfg.ft.max_skipped_in_a_row}")

@@ -7,13 +7,19 @@ import contextlib
 import faulthandler
 import fcntl
 import os
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from pretrain.fault_tolerance.signals import HANG_EXIT_CODE
 from pretrain.parallel.env import tighten_collective_timeouts
+
+#: Directory of the run directory holding hang reports: ``rank_<r>.txt`` per rank (the watchdog's line, where the
+#: rank waited, its Python stacks), or written by the rank's launcher for a rank that could not (frozen, killed).
+HANG_DIR = "hang"
 
 
 class Watchdog:
@@ -31,17 +37,21 @@ class Watchdog:
 
     def __init__(self, step_timeout_s: float, startup_timeout_s: float = 0.0, save_timeout_s: float = 0.0,
                  rank: int = 0, *, linger_s: float | None = None, backstop_grace_s: float = 10.0, stream=None,
-                 exit_fn: Callable[[int], None] = os._exit, backstop: bool = True):
+                 hang_dir: str | Path | None = None, exit_fn: Callable[[int], None] = os._exit,
+                 backstop: bool = True):
         """Timeouts in seconds (0: ``step_timeout_s``; ``step_timeout_s`` 0 disables). ``linger_s`` (default a
         quarter of step_timeout_s, at most 10 s): after dumping, wait this long before exiting, so that peers whose
         deadline falls at the same moment dump theirs too (a rank that exits first breaks its peers' collectives,
         which would then end with a connection error instead of their stacks). ``stream``: where the line and the
-        stacks go (needs a file descriptor; default stderr). ``exit_fn``/``backstop`` exist for tests."""
+        stacks go (needs a file descriptor; default stderr). ``hang_dir``: also write them to
+        ``hang_dir/rank_<rank>.txt`` (the run directory's ``hang/``: one file per rank, whichever node it ran on).
+        ``exit_fn``/``backstop`` exist for tests."""
         self.enabled = step_timeout_s > 0
         self.timeouts = {"step_timeout_s": step_timeout_s,
                          "startup_timeout_s": startup_timeout_s or step_timeout_s,
                          "save_timeout_s": save_timeout_s or step_timeout_s}
         self.rank, self.stream, self.exit_fn = rank, _with_fileno(stream or sys.stderr), exit_fn
+        self.hang_dir = Path(hang_dir) if hang_dir is not None else None
         self.linger_s = min(10.0, step_timeout_s / 4) if linger_s is None else linger_s
         self.backstop, self.backstop_grace_s = backstop and self.enabled, backstop_grace_s
         self.started = False  # a first step has completed: step_timeout_s applies from now on
@@ -135,12 +145,63 @@ class Watchdog:
             faulthandler.cancel_dump_traceback_later()  # we are running: the C backstop is not needed
         line = (f"rank {self.rank}: {phase} of step {step} exceeded ft.{key}={self.timeouts[key]:g} s; "
                 "Python stacks follow\n")
+        report = hang_file(self.hang_dir, self.rank) if self.hang_dir is not None else None
+        where = (f"rank {self.rank} (host {socket.gethostname()}, pid {os.getpid()}): step {step}, "
+                 f"{main_thread_collective()}" + (f"; stacks also in {report}" if report else "") + "\n")
+        if report is not None:
+            try:  # first, while nothing has broken yet: the file is what a post-mortem reads
+                report.parent.mkdir(parents=True, exist_ok=True)
+                with open(report, "w") as f:
+                    f.write(line + where)
+                    f.flush()
+                    faulthandler.dump_traceback(file=f, all_threads=True)
+            except OSError as e:  # a full or read-only disk must not keep the rank from exiting
+                where += f"(could not write {report}: {e})\n"
         with _exclusive_output(self.stream.fileno()):
             # Straight to the file descriptor, as faulthandler writes: no Python-level lock a hung thread may hold.
             os.write(self.stream.fileno(), line.encode())
+            os.write(self.stream.fileno(), where.encode())
             faulthandler.dump_traceback(file=self.stream, all_threads=True)
         time.sleep(self.linger_s)
         self.exit_fn(HANG_EXIT_CODE)
+
+
+def hang_file(hang_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` (or its launcher, for a rank that could not) writes its hang report."""
+    return Path(hang_dir) / f"rank_{rank}.txt"
+
+
+def main_thread_collective() -> str:
+    """Which torch.distributed collective the main thread is inside now, and the first caller outside torch
+    (e.g. "in collective all_reduce, entered from megatron/core/tensor_parallel/mappings.py:31 (_reduce)"), or
+    "not in a collective". Read from the live frames, so it needs no bookkeeping on the hot path: a rank that
+    hangs is, by definition, still in the collective it entered last."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    stack = []
+    while frame is not None:
+        stack.append(frame)
+        frame = frame.f_back
+    for i, f in enumerate(stack):  # innermost first
+        if f.f_code.co_filename.endswith(os.path.join("distributed", "distributed_c10d.py")):
+            collective = f.f_code.co_name
+            for g in stack[i:]:
+                if g.f_code.co_filename.endswith(os.path.join("distributed", "distributed_c10d.py")):
+                    collective = g.f_code.co_name  # the outermost c10d frame is the public API's name
+                    continue
+                if f"{os.sep}torch{os.sep}" not in g.f_code.co_filename:
+                    return (f"in collective {collective}, entered from {_short(g.f_code.co_filename)}:"
+                            f"{g.f_lineno} ({g.f_code.co_name})")
+            return f"in collective {collective}"
+    return "not in a collective"
+
+
+def _short(filename: str) -> str:
+    """A source path from its package root on (megatron/core/..., pretrain/...), for one-line reports."""
+    parts = Path(filename).parts
+    for root in ("pretrain", "megatron", "deepspeed", "data_pipeline"):
+        if root in parts:
+            return "/".join(parts[parts.index(root):])
+    return filename
 
 
 @contextlib.contextmanager

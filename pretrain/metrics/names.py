@@ -62,5 +62,7 @@ PROM_RESTARTS = "pretrain_restarts_total"  # SLURM_RESTART_COUNT or TORCHELASTIC
 # Ranks of the job whose exporter could not start (port in use, ...): they train without /metrics. The same
 # job-wide number on every rank that does serve, counted once at startup; read it with max(), not sum().
 PROM_EXPORTER_FAILURES = "pretrain_prometheus_exporter_failures_total"
+# Preflight's timed all-reduce (ft.preflight_allreduce_mib per rank): bus bandwidth in bytes/s, NCCL-tests' busbw.
+PROM_ALLREDUCE_BUS_BANDWIDTH = "pretrain_preflight_allreduce_bus_bandwidth_bytes"
 PROM_BUILD_INFO = "pretrain_build_info"  # 1, labelled with version, config hash and world layout
 PROM_LABELS = ("run", "rank", "node", "model")

@@ -132,6 +132,10 @@ class _RecordCollector(Collector):
                                        "the same job-wide number on every serving rank.", labels=keys)
         failures.add_metric(labels, float(ex.exporter_failures))
         yield failures
+        if ex.allreduce_bus_bandwidth is not None:
+            yield from gauge(names.PROM_ALLREDUCE_BUS_BANDWIDTH, "Bus bandwidth (bytes/s) of the preflight's timed "
+                             "all-reduce at startup (ft.preflight_allreduce_mib per rank).",
+                             ex.allreduce_bus_bandwidth * 1e9)
         info = InfoMetricFamily(names.PROM_BUILD_INFO.removesuffix("_info"), "Version, config hash, world layout.",
                                 labels=keys)
         info.add_metric(labels, ex.build_info)
@@ -180,6 +184,8 @@ class PrometheusExporter:
         self.last_step_time: float | None = None
         #: Ranks of the job without an exporter (set by from_config once every rank has tried to start one).
         self.exporter_failures = 0
+        #: GB/s of the preflight's timed all-reduce (set by build(); None: not measured).
+        self.allreduce_bus_bandwidth: float | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.step_time = Histogram(names.PROM_STEP_TIME, "Wall time of logged training steps on this rank.",
                                    list(names.PROM_LABELS), buckets=STEP_TIME_BUCKETS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import os
 import sys
 import textwrap
 import time
@@ -57,6 +58,25 @@ def test_watchdog_fires_on_a_sleeping_step_with_line_and_stacks(tmp_path):
                                    "Python stacks follow")
     assert "sleeping_step_that_hangs" in text and "test_watchdog_fires_on_a_sleeping_step" in text
     assert dog.fired and time.monotonic() - start >= 0.3
+    dog.close()
+
+
+def test_watchdog_writes_its_report_to_the_hang_dir(tmp_path):
+    import socket
+
+    dog, exits, stream = in_process_watchdog(tmp_path, 0.3, hang_dir=tmp_path / "hang")
+    dog.started = True
+    dog.beat(7, "forward/backward")
+    sleeping_step_that_hangs(1.0)
+    assert exits.codes == [ft.HANG_EXIT_CODE]
+    report = (tmp_path / "hang" / "rank_3.txt").read_text()
+    lines = report.splitlines()
+    assert lines[0] == "rank 3: forward/backward of step 7 exceeded ft.step_timeout_s=0.3 s; Python stacks follow"
+    assert lines[1] == (f"rank 3 (host {socket.gethostname()}, pid {os.getpid()}): step 7, not in a collective; "
+                        f"stacks also in {tmp_path / 'hang' / 'rank_3.txt'}")
+    assert "sleeping_step_that_hangs" in report  # the stacks, in the file as on stderr
+    stream.seek(0)
+    assert lines[1] in stream.read()
     dog.close()
 
 

@@ -106,20 +106,28 @@ def test_bad_local_launch(kwargs, key):
 def test_render_templates():
     args = ["configs/debug/gpt_tiny.yaml", "--train.steps=5", "--run.dir=/tmp/a b"]
     single = render(SlurmJob(gpus_per_node=8, partition="gpu", time="04:00:00"), args, python="python3")
-    assert "#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8" in single
+    assert "#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8\n#SBATCH --cpus-per-task=1" in single
     assert "#SBATCH --partition=gpu" in single and "#SBATCH --time=04:00:00" in single
-    assert "srun python3 -m pretrain train configs/debug/gpt_tiny.yaml --train.steps=5 " \
-           "'--run.dir=/tmp/a b'" in single
+    # srun is given the CPUs per task again: from Slurm 22.11 it does not inherit them from sbatch.
+    assert 'srun --cpus-per-task="${SLURM_CPUS_PER_TASK}" python3 -m pretrain train configs/debug/gpt_tiny.yaml ' \
+           "--train.steps=5 '--run.dir=/tmp/a b'" in single
     assert "export OMP_NUM_THREADS=" in single and "NCCL_DEBUG" in single
     multi = render(SlurmJob(nodes=4, gpus_per_node=8, cpus_per_task=6), args)
     assert template_name(SlurmJob(nodes=4)) == "multi_node.sbatch"
     assert "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=1" in multi and "--cpus-per-task=48" in multi
-    assert "--nproc-per-node=8" in multi and "--rdzv-backend=c10d" in multi
+    assert "-m pretrain launch local \\\n    --nproc=8 --nnodes=\"${SLURM_JOB_NUM_NODES}\"" in multi
+    assert 'getent hosts "${MASTER_ADDR}"' in multi  # the rendezvous host must resolve before anything starts
+    assert "#SBATCH --signal=B:USR1@120" in multi and "trap 'forward USR1' USR1" in multi
+    assert "REQUEUE=0" in multi and "#SBATCH --requeue" not in multi
+    multi_requeue = render(SlurmJob(nodes=2, gpus_per_node=0, procs_per_node=2, requeue=True), args)
+    assert template_name(SlurmJob(nodes=2, requeue=True)) == "multi_node.sbatch"
+    assert "REQUEUE=1" in multi_requeue and "#SBATCH --requeue\n#SBATCH --open-mode=append" in multi_requeue
+    assert 'ExcNodeList="${hung}"' in multi_requeue
     cpu = render(SlurmJob(gpus_per_node=0, procs_per_node=2, requeue=True, signal_seconds=90), args)
     assert "--gpus-per-node" not in cpu and "#SBATCH --ntasks-per-node=2" in cpu
     assert "#SBATCH --requeue" in cpu and "#SBATCH --signal=B:USR1@90" in cpu
     assert 'scontrol requeue "${SLURM_JOB_ID}"' in cpu and "SLURM_RESTART_COUNT" in cpu
-    for script in (single, multi, cpu):  # valid bash
+    for script in (single, multi, multi_requeue, cpu):  # valid bash
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
@@ -206,3 +214,24 @@ def test_cli_control_character_is_one_line_error():
     assert out.stderr.strip() == ("error: --job-name: control character '\\n' at position 1 in "
                                   "'x\\n#SBATCH --account=other' (values are written into the sbatch script, where "
                                   "it would break or add lines)")
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:29400", "127.0.0.1:29400", "[::1]:29400"])
+def test_a_loopback_rendezvous_is_refused_for_several_nodes(endpoint):
+    with pytest.raises(ConfigError, match=r"^--rdzv-endpoint: host '.*' resolves to loopback .* with 2 nodes: each "
+                                          r"node would rendezvous with itself and train alone"):
+        LocalLaunch(nproc=1, nnodes=2, rdzv_endpoint=endpoint)
+    LocalLaunch(nproc=1, nnodes=1, rdzv_endpoint=endpoint)  # one node: loopback is the right address
+
+
+def test_a_rendezvous_host_that_does_not_resolve_is_refused():
+    with pytest.raises(ConfigError, match=r"^--rdzv-endpoint: host 'no-such-host\.invalid' does not resolve"):
+        LocalLaunch(nproc=1, nnodes=2, rdzv_endpoint="no-such-host.invalid:29400")
+
+
+def test_bus_bandwidth_is_nccl_tests_busbw():
+    from pretrain.parallel.preflight import bus_bandwidth
+
+    # 1 GB in 1 s over 4 ranks: a ring moves 2 (n - 1) / n of it per rank.
+    assert bus_bandwidth(10**9, 4, 1.0) == 1.5
+    assert bus_bandwidth(10**9, 2, 0.5) == 2.0
