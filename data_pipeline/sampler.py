@@ -125,7 +125,10 @@ class SourceCursor:
         self._window: Window | None = None
         self._rows = self._pos = None  # the window's readable rows in stream order, and their positions
         self._i = 0  # next entry of _rows / _pos
-        self._empty_windows = 0  # consecutive windows without a readable row: a whole epoch of them is fatal
+        # (epoch, window) starting the current run of windows without a readable row: a run that covers one
+        # whole epoch, window 0 to its last, is fatal (every shard is bad); a run that only adds up to an
+        # epoch's worth of windows across a boundary is not (the good shard moved within the order).
+        self._empty_since: tuple[int, int] | None = None
 
     @property
     def position(self) -> int:
@@ -149,8 +152,12 @@ class SourceCursor:
         self._rows = _in_stream_order(arrays, sizes, win.order[keep], self._memory)  # [readable rows, seq + 1]
         self._pos = win.start + np.flatnonzero(keep)  # positions (within the epoch) of the readable rows
         self._window, self._i = win, 0
-        self._empty_windows = 0 if len(self._pos) else self._empty_windows + 1
-        if self._empty_windows > self.plan.windows_per_epoch:
+        if len(self._pos):
+            self._empty_since = None
+            return
+        since = self._empty_since = self._empty_since or (epoch, index)
+        whole = since[0] if since[1] == 0 else since[0] + 1  # the first epoch the run can cover whole
+        if epoch > whole or (epoch == whole and index == self.plan.windows_per_epoch - 1):
             raise DataError(f"{self.name}: no readable shard in a whole epoch (all skipped as bad)")
 
     def _ensure(self) -> None:
