@@ -113,13 +113,19 @@ class SourceCursor:
     `read_window(window)` returns one array per block ([rows, seq_length + 1], any integer dtype) or None for
     a block that is unreadable and skipped (`on_bad_shard="skip"`). Skipped rows are stepped over: `position`
     counts stream rows, including skipped ones, so the position alone says where to resume.
+
+    With `read_rows(window, rows)` (int64 window rows, as indices into its blocks concatenated -> [n, seq_length
+    + 1]) no whole window is read: each `read_parts` reads just the rows it keeps (every row is readable then:
+    a bad one is an error), so a rank reads only the rows it owns.
     """
 
     def __init__(self, plan: SourcePlan, position: int, read_window: Callable[[Window], list], *,
-                 loop: bool = True, name: str = "source", memory: "WindowMemory | None" = None):
+                 loop: bool = True, name: str = "source", memory: "WindowMemory | None" = None,
+                 read_rows: Callable[[Window, np.ndarray], np.ndarray] | None = None):
         """Start at stream row `position`; nothing is read before the first `read()`. `memory`: where windows
         are built (one per source that outlives cursors: its buffers are reused across iterations)."""
         self.plan, self._read_window, self.loop, self.name = plan, read_window, loop, name
+        self._read_rows = read_rows
         self._memory = memory or WindowMemory()
         self._target = int(position)  # where to start: resolved lazily on the first read
         self._window: Window | None = None
@@ -144,6 +150,10 @@ class SourceCursor:
         if not self.loop and epoch > 0:
             raise Exhausted(self.name)
         win = self.plan.window(epoch, index)
+        if self._read_rows is not None:  # rows are read as they are kept (read_parts)
+            self._rows, self._pos = None, win.start + np.arange(len(win.order))
+            self._window, self._i = win, 0
+            return
         arrays = self._read_window(win)
         sizes = [r for _, _, r in win.blocks]
         ok = np.repeat([a is not None for a in arrays], sizes)  # [window rows]: row readable?
@@ -199,9 +209,15 @@ class SourceCursor:
         while done < n:
             self._ensure()
             chunk = min(n - done, len(self._pos) - self._i)
-            rows = self._rows[self._i: self._i + chunk]  # a view: consecutive rows
-            if not every and not keep[done: done + chunk].all():
-                rows = rows[keep[done: done + chunk]]
+            if self._read_rows is not None:
+                picked = np.arange(self._i, self._i + chunk)  # stream positions in the window
+                if not every:
+                    picked = picked[keep[done: done + chunk]]
+                rows = self._read_rows(self._window, self._window.order[picked])
+            else:
+                rows = self._rows[self._i: self._i + chunk]  # a view: consecutive rows
+                if not every and not keep[done: done + chunk].all():
+                    rows = rows[keep[done: done + chunk]]
             if len(rows):
                 parts.append(rows)
             self._i += chunk

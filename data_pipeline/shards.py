@@ -4,6 +4,8 @@ Layout on disk (`output_dir/`):
 
     shard-000000.tar ...   tar members `<block>.tokens.u16` (or `.tokens.i32`): one block of up to
                            `sequences_per_sample` rows of `seq_length + 1` little-endian token ids
+    shard-000000.rowsums   per row, in row order, the xxh3_128 digest (16 bytes) of its token bytes: lets a
+                           reader that reads only some rows (integrity.py, rows.py) verify exactly those
     manifest.json          format, seq_length, dtype, tokenizer identity, per shard: counts, bytes, sha256,
                            xxh3_128 and the member table (integrity.py); written last, so its presence means
                            the shards are complete
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
-from data_pipeline.integrity import FAST_CHECKSUM, file_digests, packed_members_entry
+from data_pipeline.integrity import FAST_CHECKSUM, ROW_DIGESTS_SUFFIX, file_digests, packed_members_entry, row_digests
 from data_pipeline.tokenizer import Tokenizer, encode_documents, init_encode_worker
 
 logger = logging.getLogger(__name__)
@@ -114,8 +116,10 @@ def prepare_shards(
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for stale in sorted(out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
         stale.unlink()
+        stale.with_suffix(ROW_DIGESTS_SUFFIX).unlink(missing_ok=True)
 
     stats: dict[str, list[int]] = {}  # shard file -> [sequences, blocks], in writing order
+    digests_of: dict[str, list[bytes]] = {}  # shard file -> its rows' xxh3_128 digests, in row order
     carry = np.zeros(0, dtype=np.int64)  # tokens not yet filling a whole row
     pending: list[np.ndarray] = []  # complete rows not yet filling a whole block
     pending_rows = 0
@@ -125,8 +129,11 @@ def prepare_shards(
     def write_block(rows: np.ndarray) -> None:
         nonlocal num_blocks
         # Global block index as the key: unique across shards, and no '.' (webdataset splits keys at dots).
-        writer.write({"__key__": BLOCK_KEY.format(num_blocks), ext: rows.astype(np_dtype, copy=False).tobytes()})
-        entry = stats.setdefault(os.path.basename(writer.fname), [0, 0])
+        rows = rows.astype(np_dtype, copy=False)
+        writer.write({"__key__": BLOCK_KEY.format(num_blocks), ext: rows.tobytes()})
+        name = os.path.basename(writer.fname)
+        digests_of.setdefault(name, []).append(row_digests(rows))
+        entry = stats.setdefault(name, [0, 0])
         entry[0] += len(rows)
         entry[1] += 1
         num_blocks += 1
@@ -180,8 +187,10 @@ def prepare_shards(
     for name, (seqs, blocks) in stats.items():
         # sha256 (provenance) and xxh3_128 (what readers verify, ~15x faster): integrity.py.
         digests = file_digests(out / name, ("sha256", FAST_CHECKSUM))
+        rowsums = pathlib.Path(name).with_suffix(ROW_DIGESTS_SUFFIX).name
+        (out / rowsums).write_bytes(b"".join(digests_of[name]))
         shards.append({"name": name, "sequences": seqs, "blocks": blocks, **digests,
-                       "bytes": (out / name).stat().st_size})
+                       "bytes": (out / name).stat().st_size, "row_digests": rowsums})
     num_sequences = sum(s["sequences"] for s in shards)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

@@ -32,6 +32,9 @@ def test_loss_falls_metrics_and_checkpoint(reference_run):
         for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
             assert key in record, (key, record)
     assert metrics[STEPS]["loss"] < metrics[1]["loss"] - 1.5, (metrics[1]["loss"], metrics[STEPS]["loss"])
+    # The reader reads just the 16 rows of 129 uint16 tokens a step takes, and each row's 16-byte digest once.
+    read = [metrics[s]["data_read_bytes"] for s in sorted(metrics)]
+    assert read == [s * 16 * (129 * 2 + 16) for s in sorted(metrics)]
     assert "val_loss" in metrics[STEPS] and metrics[STEPS]["val_ppl"] > 1.0
     checkpoints = reference_run / "checkpoints"
     assert (checkpoints / f"step_{STEPS}" / "COMMITTED").is_file()
