@@ -1,6 +1,11 @@
 """Benchmark (not a test): ShardReader throughput against a raw `tarfile` read of the same shards.
 
     python bench/data.py [--repeat 5] [--page-cache reader|read] [--mb 200] [--dir /tmp/pretrain-bench-data]
+    python bench/data.py --dp-sweep 1,2,4,8 [--mb 200]
+
+--dp-sweep: the data-parallel sweep of issue 21 instead (`dp_sweep`): every rank of each dp size, in this process,
+reads two epochs as training does (owned rows) and as before (whole shards on every rank); per rank and pass, rows
+handed out per second, and the bytes all ranks read over the rows' bytes (read amplification).
 
 Builds (once, cached in --dir) about --mb MB of shards: the bundled corpus repeated, tokenized with a real
 sentencepiece BPE tokenizer (32k vocab), seq_length 2048, 64 sequences per tar member. Then drops them from
@@ -62,7 +67,7 @@ def build(out: pathlib.Path, mb: int, seq_length: int) -> dict:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         size = sum(s["bytes"] for s in manifest["shards"]) / 1e6
-        current = all(k in manifest["shards"][0] for k in ("xxh3_128", "members"))  # else: an older prepare
+        current = all(k in manifest["shards"][0] for k in ("xxh3_128", "members", "row_digests"))  # else older
         if manifest["seq_length"] == seq_length and 0.8 * mb <= size <= 1.25 * mb and current:
             return manifest
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +176,34 @@ def timed_round_robin(contenders: list[tuple[str, object]], repeat: int) -> dict
     return runs
 
 
+def dp_sweep(source: str, dps: list[int], global_batch: int = 512) -> None:
+    """Per dp size and reading mode, two epochs of every rank (ranks in turn, step by step, timed per rank):
+    median rows/s per rank handed out, and read amplification = bytes read by all ranks / bytes of the rows."""
+    print(f"\n{'dp':>3} {'reading':12} {'pass':8} {'rows/s/rank':>12} {'amplification':>13} {'GB read':>8}")
+    for dp in dps:
+        for owned in (True, False):
+            readers = [ShardReader(source, micro_batch_size=8, global_batch_size=global_batch, dp_rank=r, dp_size=dp,
+                                   seed=0, dtype="native", owned_rows=owned) for r in range(dp)]
+            row_bytes = readers[0].seq_length * 2 + 2
+            steps = readers[0].plans[0].rows_per_epoch // global_batch
+            its = [iter(r) for r in readers]
+            for epoch in ("1st", "steady"):
+                seconds, before = [0.0] * dp, sum(r.bytes_read for r in readers)
+                for _ in range(steps):
+                    for k, (r, it) in enumerate(zip(readers, its)):
+                        start = time.perf_counter()
+                        for _ in range(r.accumulation):
+                            next(it)
+                        seconds[k] += time.perf_counter() - start
+                read = sum(r.bytes_read for r in readers) - before
+                rate = sorted(steps * global_batch / dp / s for s in seconds)[dp // 2]
+                amp = read / (steps * global_batch * row_bytes)
+                print(f"{dp:3d} {('owned rows' if owned else 'whole shards'):12} {epoch:8} {rate:12.0f} {amp:13.3f} "
+                      f"{read / 1e9:8.2f}")
+            for it in its:
+                it.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="approximate shard size in MB to build")
@@ -180,8 +213,15 @@ def main() -> None:
                         help="how the shards get into the page cache before the runs (fill_page_cache)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds; each runs every contender once (best and median are reported)")
+    parser.add_argument("--dp-sweep", default="", help="comma-separated dp sizes: run the DP sweep (dp_sweep) only")
     args = parser.parse_args()
 
+    if args.dp_sweep:
+        manifest = build(pathlib.Path(args.dir), args.mb, args.seq_length)
+        size = sum(s["bytes"] for s in manifest["shards"]) / 1e6
+        print(f"bench: {len(manifest['shards'])} shards, {size:.0f} MB, {manifest['num_sequences']} rows")
+        dp_sweep(str(pathlib.Path(args.dir) / "shards"), [int(x) for x in args.dp_sweep.split(",")])
+        return
     manifest = build(pathlib.Path(args.dir), args.mb, args.seq_length)
     shards = pathlib.Path(args.dir) / "shards"
     paths = [shards / s["name"] for s in manifest["shards"]]

@@ -60,11 +60,33 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 def _data_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.shards import prepare_shards
+    from data_pipeline.tasks import prepare_task, task_index_default
 
+    if args.num_tasks is not None:
+        index = args.task_index if args.task_index is not None else task_index_default()
+        if args.num_tasks < 1 or index is None:
+            raise DataError(f"data prepare: --num-tasks {args.num_tasks} needs --task-index (or SLURM_ARRAY_TASK_ID)"
+                            f" and at least 1 task")
+        with _inputs(args) as inputs:
+            ran = prepare_task(inputs, args.tokenizer, args.output, args.seq_length, num_tasks=args.num_tasks,
+                               task_index=index, samples_per_shard=args.samples_per_shard,
+                               sequences_per_sample=args.sequences_per_sample, text_key=args.text_key,
+                               workers=args.workers)
+        print(f"data prepare: task {index} of {args.num_tasks} {'done' if ran else 'had already finished'}")
+        return 0
     with _inputs(args) as inputs:
         prepare_shards(inputs, args.tokenizer, args.output, args.seq_length,
                        samples_per_shard=args.samples_per_shard, sequences_per_sample=args.sequences_per_sample,
                        text_key=args.text_key, prefix=args.prefix, workers=args.workers)
+    return 0
+
+
+def _data_merge(args: argparse.Namespace) -> int:
+    from data_pipeline.tasks import merge_tasks
+
+    manifest = merge_tasks(args.dir)
+    print(f"data merge: {manifest['tasks']} tasks, {len(manifest['shards'])} shards, {manifest['num_documents']} "
+          f"documents, {manifest['num_tokens']} tokens -> {args.dir}/manifest.json")
     return 0
 
 
@@ -98,7 +120,7 @@ def register(subparsers) -> None:
     train.set_defaults(func=lambda args, overrides: _tokenizer_train(args))
 
     data = subparsers.add_parser("data", help="prepare token shards")
-    data_sub = data.add_subparsers(dest="data_command", metavar="{prepare}", required=True)
+    data_sub = data.add_subparsers(dest="data_command", metavar="{prepare,merge}", required=True)
     prep = data_sub.add_parser("prepare", help="tokenize a corpus into WebDataset shards + manifest.json",
                                description="Tokenize documents into rows of seq_length+1 tokens, packed into "
                                            "reproducible WebDataset tar shards with a manifest.json.")
@@ -113,4 +135,14 @@ def register(subparsers) -> None:
     prep.add_argument("--workers", type=int, default=None, metavar="N",
                       help="tokenizer processes (default: min(4, CPUs); 0 or 1: in this process); "
                            "the shards are identical for any N")
+    prep.add_argument("--num-tasks", type=int, default=None, metavar="N",
+                      help="prepare as N independent tasks (a job array): this run does one share of the input "
+                           "(by file, and by byte range inside .jsonl files); then `data merge DIR`")
+    prep.add_argument("--task-index", type=int, default=None, metavar="I",
+                      help="which task, 0..N-1 (default: SLURM_ARRAY_TASK_ID)")
     prep.set_defaults(func=lambda args, overrides: _data_prepare(args))
+    merge = data_sub.add_parser("merge", help="check every prepare task finished and write manifest.json",
+                                description="After `data prepare --num-tasks N`: names any missing task, else "
+                                            "writes the tasks' tails as shards and the merged manifest.json.")
+    merge.add_argument("dir", metavar="DIR", help="the --output directory of the prepare tasks")
+    merge.set_defaults(func=lambda args, overrides: _data_merge(args))

@@ -82,6 +82,9 @@ def prepare_shards(
     text_key: str = "text",
     prefix: str = "shard",
     workers: int | None = None,
+    documents: Iterable[str] | None = None,
+    token_ids: Iterable[np.ndarray] | None = None,
+    tail_path: str | None = None,
 ) -> dict:
     """Tokenize `inputs` (paths or globs) into WebDataset shards under `output_dir`; return the manifest.
 
@@ -95,6 +98,10 @@ def prepare_shards(
     `workers` tokenizer processes (default `default_workers()`; 0 or 1 encodes in this process, as does an
     input that fits in one chunk). Workers are spawned, not forked (the caller may hold threads, e.g. torch's),
     so a script calling this with workers > 1 needs the usual `if __name__ == "__main__":` guard.
+
+    For tasks (tasks.py): `documents` replaces reading `inputs` (then only named in messages); `token_ids`
+    (arrays of ids, eos included) replaces reading and encoding; `tail_path` keeps the final partial row's ids
+    there (np.save) instead of dropping them, so a merge can carry them on.
     """
     _check_positive(seq_length=seq_length, samples_per_shard=samples_per_shard,
                     sequences_per_sample=sequences_per_sample)
@@ -103,7 +110,7 @@ def prepare_shards(
         raise DataError(f"data prepare: workers must be an integer >= 0, got {workers!r}")
     if not prefix or "/" in prefix or "." in prefix:
         raise DataError(f"data prepare: prefix must be a plain name without '/' or '.', got {prefix!r}")
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs) if documents is None and token_ids is None else [pathlib.Path(i) for i in inputs]
     tok = Tokenizer(tokenizer_path)
     dtype_name = "uint16" if tok.vocab_size <= 65535 else "int32"
     np_dtype, ext = DTYPES[dtype_name]
@@ -142,14 +149,17 @@ def prepare_shards(
     # reproducible. verbose=0: tqdm reports progress instead of ShardWriter's per-shard prints. maxsize is left
     # at its 3 GB default as a safety valve; the manifest records whatever split actually happened.
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0)
-    docs = (doc for path in files for doc in read_documents(path, text_key=text_key))
+    docs = documents if documents is not None else (doc for path in files
+                                                    for doc in read_documents(path, text_key=text_key))
     used_workers = 0
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
         chunks = _chunks(docs)
         first = list(itertools.islice(chunks, 2))
         chunks = itertools.chain(first, chunks)
-        if workers > 1 and len(first) > 1:  # a pool costs ~0.5 s to start: not for inputs of one chunk
+        if token_ids is not None:
+            encoded = ((0, 0, np.asarray(ids, dtype=np.int32)) for ids in token_ids)
+        elif workers > 1 and len(first) > 1:  # a pool costs ~0.5 s to start: not for inputs of one chunk
             used_workers = workers
             encoded = _encode_in_pool(chunks, tok, workers, stack)
         else:
@@ -177,6 +187,12 @@ def prepare_shards(
         if pending_rows:
             write_block(np.concatenate(pending))  # the one short block, at the very end
         dropped_tokens = len(carry)
+        if tail_path is not None:
+            np.save(tail_path, carry.astype(np.int32))
+    if num_blocks == 0 and tail_path is not None:  # a task too small for one row: all of it is tail
+        for path in out.glob(f"{prefix}-*.tar"):
+            path.unlink()
+        return {"num_documents": num_docs, "num_sequences": 0, "shards": [], "dropped_tokens": dropped_tokens}
     if num_blocks == 0:
         for path in out.glob(f"{prefix}-*.tar"):  # ShardWriter opens its first shard eagerly
             path.unlink()
