@@ -206,3 +206,21 @@ def test_cli_control_character_is_one_line_error():
     assert out.stderr.strip() == ("error: --job-name: control character '\\n' at position 1 in "
                                   "'x\\n#SBATCH --account=other' (values are written into the sbatch script, where "
                                   "it would break or add lines)")
+
+
+def test_slurm_prepare_renders_an_array_and_an_afterok_merge():
+    from launch.slurm_prepare import PrepareJob, render
+
+    job = PrepareJob(tasks=4, max_parallel=2, prepare_args=("--input", "a b.jsonl", "--tokenizer", "t.model",
+                                                              "--output", "out", "--seq-length", "128"),
+                     output="out", cpus_per_task=3, log_dir="logs")
+    array, merge = render(job, "4711")
+    assert "#SBATCH --array=0-3%2" in array and "#SBATCH --requeue" in array and "#SBATCH --cpus-per-task=3" in array
+    assert ("data prepare --input 'a b.jsonl' --tokenizer t.model --output out --seq-length 128 --workers 3 "
+            '--num-tasks 4 --task-index "${SLURM_ARRAY_TASK_ID}"') in array
+    assert "#SBATCH --dependency=afterok:4711" in merge and merge.rstrip().endswith("-m pretrain data merge out")
+    assert "#SBATCH --output=logs/%x-%A_%a.log" in array
+    with pytest.raises(ConfigError, match="--tasks"):
+        PrepareJob(tasks=0, output="out")
+    with pytest.raises(ConfigError, match="control character"):
+        PrepareJob(tasks=2, output="out\n#SBATCH --x")
