@@ -13,6 +13,7 @@ import tempfile
 from typing import Iterator
 
 from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import DEFAULT_INPUT_SENTENCES
 
 
 def _add_input_args(parser: argparse.ArgumentParser, bundled_choices: tuple[str, ...]) -> None:
@@ -53,7 +54,8 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
                                input_sentence_size=args.input_sentence_size,
                                shuffle_input_sentence=args.shuffle_input_sentence, num_threads=args.threads,
                                text_key=args.text_key, special_symbols=_symbol_list(args.special_symbols),
-                               user_defined_symbols=_symbol_list(args.user_defined_symbols), verbose=args.verbose)
+                               user_defined_symbols=_symbol_list(args.user_defined_symbols), verbose=args.verbose,
+                               seed=args.seed)
     print(f"tokenizer: wrote {path}")
     return 0
 
@@ -106,8 +108,10 @@ def register(subparsers) -> None:
                        help="fraction of characters covered by pieces (e.g. 0.9995 for CJK); the rest: bytes/unk")
     train.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
                        help="encode characters outside the vocabulary as byte pieces instead of <unk>")
-    train.add_argument("--input-sentence-size", type=int, default=0,
-                       help="sample this many lines for training (0: all; bounds memory on big corpora)")
+    train.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCES,
+                       help="train on a seeded sample of this many lines, uniform over all inputs (default "
+                            "%(default)s: bounded memory on any corpus; 0: every line)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the line sample")
     train.add_argument("--shuffle-input-sentence", action=argparse.BooleanOptionalAction, default=True,
                        help="with --input-sentence-size, sample lines at random (seeded) instead of the first N")
     train.add_argument("--special-symbols", default="[CLS],[SEP],[MASK]", metavar="A,B,...",

@@ -164,7 +164,7 @@ def prepare_shards(
             encoded = _encode_in_pool(chunks, tok, workers, stack)
         else:
             encoded = ((len(c), *encode_documents(c, tok)) for c in chunks)
-        bar = stack.enter_context(tqdm(desc="data prepare", unit="doc", mininterval=1.0))
+        bar = stack.enter_context(tqdm(desc="data prepare", unit="doc", mininterval=1.0, disable=None))  # TTY only
         for n_docs, n_bytes, ids in encoded:  # ids: int32 [tokens of n_docs documents, each followed by eos]
             num_docs += n_docs
             text_bytes += n_bytes

@@ -27,6 +27,7 @@ import shutil
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
@@ -142,7 +143,8 @@ def merge_tasks(output_dir: str) -> dict:
     if not markers:
         raise DataError(f"{out}: no finished prepare task (no {TASKS_DIR}/task-*.done); run data prepare "
                         f"--num-tasks N --task-index I first")
-    records = [json.loads(m.read_text()) for m in markers]
+    records = [json.loads(m.read_text())  # a bar on a terminal only (disable=None): thousands of tasks take a while
+               for m in tqdm(markers, desc="data merge: tasks", unit="task", mininterval=1.0, disable=None)]
     settings = records[0]["settings"]
     num_tasks = settings["num_tasks"]
     have = {r["task_index"] for r in records if r["settings"] == settings}
