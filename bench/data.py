@@ -2,10 +2,13 @@
 
     python bench/data.py [--repeat 5] [--page-cache reader|read] [--mb 200] [--dir /tmp/pretrain-bench-data]
     python bench/data.py --dp-sweep 1,2,4,8 [--mb 200]
+    python bench/data.py --prepare-tasks 1,2 [--mb 50]
 
 --dp-sweep: the data-parallel sweep of issue 21 instead (`dp_sweep`): every rank of each dp size, in this process,
 reads two epochs as training does (owned rows) and as before (whole shards on every rank); per rank and pass, rows
 handed out per second, and the bytes all ranks read over the rows' bytes (read amplification).
+--prepare-tasks: `data prepare` of ~--mb MB of tokens as N concurrent tasks (`--num-tasks N`, one tokenizer
+process each) plus `data merge`, per N: seconds and tokens/s (`prepare_tasks`).
 
 Builds (once, cached in --dir) about --mb MB of shards: the bundled corpus repeated, tokenized with a real
 sentencepiece BPE tokenizer (32k vocab), seq_length 2048, 64 sequences per tar member. Then drops them from
@@ -204,6 +207,39 @@ def dp_sweep(source: str, dps: list[int], global_batch: int = 512) -> None:
                 it.close()
 
 
+def prepare_tasks(out: pathlib.Path, mb: int, task_counts: list[int]) -> None:
+    """Wall time of N concurrent `data prepare --num-tasks N` processes (one tokenizer worker each) + the merge."""
+    import subprocess
+
+    corpus, tok = out / "prepare-corpus.jsonl", out / "prepare-tok.model"
+    if not corpus.is_file():
+        records = list(iter_records(bundled_corpus_path()))
+        text_bytes = sum(len(r["text"].encode()) for r in records)
+        with open(corpus, "w", encoding="utf-8") as f:
+            for _ in range(max(1, round(mb * 1e6 / 2 / (text_bytes / 3.5)))):
+                for r in records:
+                    f.write(json.dumps({"text": r["text"]}) + "\n")
+        train_tokenizer([str(bundled_corpus_path())], str(out / "prepare-tok"), 32000)
+    print(f"\n{'tasks':>5} {'seconds':>8} {'Mtok/s':>7} {'merge s':>8}  ({corpus.stat().st_size / 1e6:.0f} MB of jsonl)")
+    for n in task_counts:
+        dest = out / f"prepare-{n}"
+        if dest.exists():
+            import shutil
+            shutil.rmtree(dest)
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "pretrain", "data", "prepare", "--input", str(corpus),
+                                   "--tokenizer", str(tok), "--output", str(dest), "--seq-length", "2048",
+                                   "--workers", "0", "--num-tasks", str(n), "--task-index", str(i)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
+        assert all(p.wait() == 0 for p in procs)
+        tasks_done = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pretrain", "data", "merge", str(dest)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.perf_counter()
+        tokens = json.loads((dest / "manifest.json").read_text())["num_tokens"]
+        print(f"{n:5d} {end - start:8.1f} {tokens / (end - start) / 1e6:7.2f} {end - tasks_done:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="approximate shard size in MB to build")
@@ -213,9 +249,14 @@ def main() -> None:
                         help="how the shards get into the page cache before the runs (fill_page_cache)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds; each runs every contender once (best and median are reported)")
+    parser.add_argument("--prepare-tasks", default="", help="comma-separated task counts: time data prepare only")
     parser.add_argument("--dp-sweep", default="", help="comma-separated dp sizes: run the DP sweep (dp_sweep) only")
     args = parser.parse_args()
 
+    if args.prepare_tasks:
+        pathlib.Path(args.dir).mkdir(parents=True, exist_ok=True)
+        prepare_tasks(pathlib.Path(args.dir), args.mb, [int(x) for x in args.prepare_tasks.split(",")])
+        return
     if args.dp_sweep:
         manifest = build(pathlib.Path(args.dir), args.mb, args.seq_length)
         size = sum(s["bytes"] for s in manifest["shards"]) / 1e6

@@ -110,13 +110,12 @@ class BlockSource:
         shards = np.array([s for s, _, _ in win.blocks], dtype=np.int64)[k]
         blocks = np.array([b for _, b, _ in win.blocks], dtype=np.int64)[k]
         within = rows - starts[k]
+        if len(rows) and (shards == shards[0]).all():  # the usual case: the rows of one shard, one copy
+            return self.rows.gather(int(shards[0]), blocks, within)
         out = np.empty((len(rows), self.src.row), dtype=self.rows.dtype)
         for shard in np.unique(shards):
             mine = np.flatnonzero(shards == shard)
-            part = out[mine] if len(mine) < len(rows) else out
-            self.rows.gather(int(shard), blocks[mine], within[mine], part)
-            if part is not out:
-                out[mine] = part
+            out[mine] = self.rows.gather(int(shard), blocks[mine], within[mine])
         return out
 
     def close(self) -> None:

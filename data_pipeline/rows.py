@@ -66,11 +66,11 @@ class RowFiles:
     def __getstate__(self) -> dict:  # a DataLoader worker maps the files itself
         return {**self.__dict__, "_open": {}}
 
-    def gather(self, shard: int, blocks: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        """Write row rows[i] of block blocks[i] of `shard` into out[i] ([n, seq_length + 1]), verifying rows not
-        checked before; a row that fails its digest is a one-line DataError naming the shard."""
+    def gather(self, shard: int, blocks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Row rows[i] of block blocks[i] of `shard` as out[i] ([n, seq_length + 1], a new array), verifying rows
+        not checked before; a row that fails its digest is a one-line DataError naming the shard."""
         f = self._open.get(shard) or self._map(shard)
-        out[:] = f.blocks[blocks, rows]  # one gather from the page cache
+        out = f.blocks[blocks, rows]  # one gather from the page cache (a copy: the mapping may go)
         index = blocks * self.spp + rows  # the rows' numbers in the shard
         new = ~f.verified[index]
         self.bytes_read += out.nbytes + int(new.sum()) * ROW_DIGEST_BYTES
@@ -80,6 +80,7 @@ class RowFiles:
                                 f"of block {blocks[i]} against {self.src.manifest['shards'][shard]['row_digests']};"
                                 f" corrupt or replaced shard)")
         f.verified[index[new]] = True
+        return out
 
     def _blocks_view(self, data: memoryview, info: dict) -> np.ndarray:
         """[blocks, rows_per_block, row] view of the mapped shard: block b's rows start at b * stride + 512
