@@ -7,7 +7,9 @@ rule, and global batch k is samples [k*GB, (k+1)*GB). DP rank r keeps the contig
 
 With `owned_rows=True` (training) a rank reads only the rows it owns, at their offsets in the shard files, each
 checked against the shard's row digests the first time this process reads it (rows.py): the job reads each byte
-once per epoch whatever dp is. The same code walks the same windows and positions on every rank, so the order is
+once per epoch whatever dp is. With one source a rank reads its rows of a shuffle window when it reaches the
+window (one gather, checked before any row is used: one window ahead at most); blended sources read them per
+global batch. The same code walks the same windows and positions on every rank, so the order is
 independent of dp, TP/PP peers (same dp_rank) see identical batches and every rank takes the same number of
 steps. Without it, and where rows cannot be read one by one (on_bad_shard="skip", URLs, manifests without row
 digests or member tables), every rank reads the whole stream and keeps its rows (read amplification = dp): a bad
@@ -210,8 +212,9 @@ class ShardReader:
         # (no copy), the per-micro-batch Python work is what limits the reader.
         GB, B, m = self.global_batch_size, self.micro_batch_size, self.accumulation
         lo, _ = rank_slice(GB, self.dp_rank, self.dp_size)
+        owned = self._owned_positions(start, worker, workers, group) if len(self._blocks) == 1 else None
         cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name, memory=b.window_memory,
-                                read_rows=b.read_rows if b.rows is not None else None)
+                                read_rows=b.read_rows if b.rows is not None else None, owned=owned)
                    for p, b, s, pos in zip(self.plans, self._blocks, self.sources, start["positions"])]
         consumed, first, counts = start["consumed_samples"], start["micro_batch"], np.array(start["counts"])
         n_msgs, local, masks = sum(len(b.messages) for b in self._blocks), 0, {}
@@ -247,6 +250,24 @@ class ShardReader:
                 yield items
             local += m - first
             first = 0
+
+    def _owned_positions(self, start: dict, worker: int, workers: int, group: int):
+        """For one source: stream positions -> whether this rank and worker keep them (what `_micro_batches`
+        keeps). Every row is read in order then (owned rows have no skips), so position p is global sample
+        consumed + (p - position) of the iteration's start: global batch k = (p - position) // GB of it."""
+        GB, B, m, first = self.global_batch_size, self.micro_batch_size, self.accumulation, start["micro_batch"]
+        lo, hi = rank_slice(GB, self.dp_rank, self.dp_size)
+        p0 = start["positions"][0]
+
+        def owned(positions: np.ndarray) -> np.ndarray:
+            k, s = np.divmod(positions - p0, GB)  # [n] global batch (from the start) and place in it
+            i = (s - lo) // B  # this rank's micro-batch, where lo <= s < hi
+            mine = (positions >= p0) & (s >= lo) & (s < hi) & ((k > 0) | (i >= first))
+            if workers > 1:  # DataLoader worker w builds micro-batch groups w, w + W, ... (counted from the start)
+                mine &= (k * m + i - first) // group % workers == worker
+            return mine
+
+        return owned
 
     def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray | int) -> list:
         """Advance every source through one global batch; return the wanted rows in order, in the shards' dtype,

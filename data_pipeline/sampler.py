@@ -115,17 +115,21 @@ class SourceCursor:
     counts stream rows, including skipped ones, so the position alone says where to resume.
 
     With `read_rows(window, rows)` (int64 window rows, as indices into its blocks concatenated -> [n, seq_length
-    + 1]) no whole window is read: each `read_parts` reads just the rows it keeps (every row is readable then:
-    a bad one is an error), so a rank reads only the rows it owns.
+    + 1]) no whole window is read, only the rows this reader keeps (every row is readable then: a bad one is an
+    error): with `owned(positions) -> bool mask` (stream positions this reader will keep), a window's owned rows
+    at once when it is loaded (one gather, all checked before any is used: at most one window ahead); without,
+    each `read_parts` reads the rows it keeps.
     """
 
     def __init__(self, plan: SourcePlan, position: int, read_window: Callable[[Window], list], *,
                  loop: bool = True, name: str = "source", memory: "WindowMemory | None" = None,
-                 read_rows: Callable[[Window, np.ndarray], np.ndarray] | None = None):
+                 read_rows: Callable[[Window, np.ndarray], np.ndarray] | None = None,
+                 owned: Callable[[np.ndarray], np.ndarray] | None = None):
         """Start at stream row `position`; nothing is read before the first `read()`. `memory`: where windows
         are built (one per source that outlives cursors: its buffers are reused across iterations)."""
         self.plan, self._read_window, self.loop, self.name = plan, read_window, loop, name
-        self._read_rows = read_rows
+        self._read_rows, self._owned_fn = read_rows, owned
+        self._owned = self._slot = None  # row mode with `owned`: [window rows] bool, and index into _rows
         self._memory = memory or WindowMemory()
         self._target = int(position)  # where to start: resolved lazily on the first read
         self._window: Window | None = None
@@ -150,8 +154,12 @@ class SourceCursor:
         if not self.loop and epoch > 0:
             raise Exhausted(self.name)
         win = self.plan.window(epoch, index)
-        if self._read_rows is not None:  # rows are read as they are kept (read_parts)
+        if self._read_rows is not None:  # only the rows this reader keeps
             self._rows, self._pos = None, win.start + np.arange(len(win.order))
+            if self._owned_fn is not None:  # the window's owned rows now, in stream order
+                self._owned = self._owned_fn(epoch * self.plan.rows_per_epoch + self._pos)
+                self._slot = np.cumsum(self._owned) - 1
+                self._rows = self._read_rows(win, win.order[self._owned])  # [owned rows, seq_length + 1]
             self._window, self._i = win, 0
             return
         arrays = self._read_window(win)
@@ -213,7 +221,14 @@ class SourceCursor:
                 picked = np.arange(self._i, self._i + chunk)  # stream positions in the window
                 if not every:
                     picked = picked[keep[done: done + chunk]]
-                rows = self._read_rows(self._window, self._window.order[picked])
+                if self._owned is None:
+                    rows = self._read_rows(self._window, self._window.order[picked])
+                else:
+                    if not self._owned[picked].all():
+                        raise AssertionError(f"{self.name}: asked for rows the owned mask left out")
+                    slots = self._slot[picked]
+                    whole = len(slots) and slots[-1] - slots[0] + 1 == len(slots)
+                    rows = self._rows[slots[0]: slots[-1] + 1] if whole else self._rows[slots]  # a view if whole
             else:
                 rows = self._rows[self._i: self._i + chunk]  # a view: consecutive rows
                 if not every and not keep[done: done + chunk].all():

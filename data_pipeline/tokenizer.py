@@ -49,11 +49,13 @@ DEFAULT_INPUT_SENTENCES = 10_000_000
 
 
 def _sentences(files: Sequence[pathlib.Path], text_key: str) -> Iterator[str]:
-    """Yield the non-empty lines of every document: sentencepiece trains on "sentences", not whole documents."""
+    """Yield the non-empty lines of every document: sentencepiece trains on "sentences", not whole documents.
+    Lines over MAX_SENTENCE_LENGTH bytes, which sentencepiece would skip, are skipped here (the sample's bound)."""
     for path in files:
         for doc in read_documents(path, text_key=text_key):
             for line in doc.splitlines():
-                if line.strip():
+                if line.strip() and (4 * len(line) <= MAX_SENTENCE_LENGTH
+                                     or len(line.encode("utf-8")) <= MAX_SENTENCE_LENGTH):
                     yield line
 
 
