@@ -1,6 +1,14 @@
 """Benchmark (not a test): ShardReader throughput against a raw `tarfile` read of the same shards.
 
     python bench/data.py [--repeat 5] [--page-cache reader|read] [--mb 200] [--dir /tmp/pretrain-bench-data]
+    python bench/data.py --dp-sweep 1,2,4,8 [--mb 200]
+    python bench/data.py --prepare-tasks 1,2 [--mb 50]
+
+--dp-sweep: the data-parallel sweep of issue 21 instead (`dp_sweep`): every rank of each dp size, in this process,
+reads two epochs as training does (owned rows) and as before (whole shards on every rank); per rank and pass, rows
+handed out per second, and the bytes all ranks read over the rows' bytes (read amplification).
+--prepare-tasks: `data prepare` of ~--mb MB of tokens as N concurrent tasks (`--num-tasks N`, one tokenizer
+process each) plus `data merge`, per N: seconds and tokens/s (`prepare_tasks`).
 
 Builds (once, cached in --dir) about --mb MB of shards: the bundled corpus repeated, tokenized with a real
 sentencepiece BPE tokenizer (32k vocab), seq_length 2048, 64 sequences per tar member. Then drops them from
@@ -62,7 +70,7 @@ def build(out: pathlib.Path, mb: int, seq_length: int) -> dict:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         size = sum(s["bytes"] for s in manifest["shards"]) / 1e6
-        current = all(k in manifest["shards"][0] for k in ("xxh3_128", "members"))  # else: an older prepare
+        current = all(k in manifest["shards"][0] for k in ("xxh3_128", "members", "row_digests"))  # else older
         if manifest["seq_length"] == seq_length and 0.8 * mb <= size <= 1.25 * mb and current:
             return manifest
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +179,82 @@ def timed_round_robin(contenders: list[tuple[str, object]], repeat: int) -> dict
     return runs
 
 
+def dp_sweep(source: str, dps: list[int], global_batch: int = 512, repeat: int = 3) -> None:
+    """Per dp size and reading mode, two epochs of every rank (ranks in turn, step by step, timed per rank):
+    median rows/s per rank handed out (best of `repeat` sweeps: the machine is shared), and read amplification =
+    bytes read by all ranks / bytes of the rows handed out."""
+    best: dict[tuple, list] = {}
+    for _ in range(repeat):
+        _dp_sweep_once(source, dps, global_batch, best)
+    print(f"\n{'dp':>3} {'reading':12} {'pass':8} {'rows/s/rank':>12} {'amplification':>13} {'GB read':>8}")
+    for (dp, owned, epoch), (rate, amp, read) in best.items():
+        print(f"{dp:3d} {('owned rows' if owned else 'whole shards'):12} {epoch:8} {rate:12.0f} {amp:13.3f} "
+              f"{read / 1e9:8.2f}")
+
+
+def _dp_sweep_once(source: str, dps: list[int], global_batch: int, best: dict) -> None:
+    for dp in dps:
+        for owned in (True, False):
+            readers = [ShardReader(source, micro_batch_size=8, global_batch_size=global_batch, dp_rank=r, dp_size=dp,
+                                   seed=0, dtype="native", owned_rows=owned) for r in range(dp)]
+            row_bytes = readers[0].seq_length * 2 + 2
+            steps = readers[0].plans[0].rows_per_epoch // global_batch
+            its = [iter(r) for r in readers]
+            for epoch in ("1st", "steady"):
+                seconds, before = [0.0] * dp, sum(r.bytes_read for r in readers)
+                for _ in range(steps):
+                    for k, (r, it) in enumerate(zip(readers, its)):
+                        start = time.perf_counter()
+                        for _ in range(r.accumulation):
+                            next(it)
+                        seconds[k] += time.perf_counter() - start
+                read = sum(r.bytes_read for r in readers) - before
+                rate = sorted(steps * global_batch / dp / s for s in seconds)[dp // 2]
+                amp = read / (steps * global_batch * row_bytes)
+                key = (dp, owned, epoch)
+                if key not in best or rate > best[key][0]:
+                    best[key] = [rate, amp, read]
+            for it in its:
+                it.close()
+
+
+def prepare_tasks(out: pathlib.Path, mb: int, task_counts: list[int]) -> None:
+    """Wall time of N concurrent `data prepare --num-tasks N` processes (one tokenizer worker each) + the merge."""
+    import subprocess
+
+    corpus, tok = out / "prepare-corpus.jsonl", out / "prepare-tok.model"
+    if not corpus.is_file():
+        records = list(iter_records(bundled_corpus_path()))
+        text_bytes = sum(len(r["text"].encode()) for r in records)
+        with open(corpus, "w", encoding="utf-8") as f:
+            for _ in range(max(1, round(mb * 1e6 / 2 / (text_bytes / 3.5)))):
+                for r in records:
+                    f.write(json.dumps({"text": r["text"]}) + "\n")
+        train_tokenizer([str(bundled_corpus_path())], str(out / "prepare-tok"), 32000)
+    print(f"\n{'tasks':>5} {'seconds':>8} {'Mtok/s':>7} {'merge s':>8} {'CPU s':>6} {'Mtok/CPU-s':>10}  "
+          f"({corpus.stat().st_size / 1e6:.0f} MB of jsonl)")
+    for n in task_counts:
+        dest = out / f"prepare-{n}"
+        if dest.exists():
+            import shutil
+            shutil.rmtree(dest)
+        start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        procs = [subprocess.Popen([sys.executable, "-m", "pretrain", "data", "prepare", "--input", str(corpus),
+                                   "--tokenizer", str(tok), "--output", str(dest), "--seq-length", "2048",
+                                   "--workers", "0", "--num-tasks", str(n), "--task-index", str(i)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
+        assert all(p.wait() == 0 for p in procs)
+        tasks_done = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pretrain", "data", "merge", str(dest)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.perf_counter()
+        tokens = json.loads((dest / "manifest.json").read_text())["num_tokens"]
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime  # the tasks' and the merge's CPU time
+        print(f"{n:5d} {end - start:8.1f} {tokens / (end - start) / 1e6:7.2f} {end - tasks_done:8.1f} {cpu_s:6.1f} "
+              f"{tokens / cpu_s / 1e6:10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="approximate shard size in MB to build")
@@ -180,8 +264,20 @@ def main() -> None:
                         help="how the shards get into the page cache before the runs (fill_page_cache)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds; each runs every contender once (best and median are reported)")
+    parser.add_argument("--prepare-tasks", default="", help="comma-separated task counts: time data prepare only")
+    parser.add_argument("--dp-sweep", default="", help="comma-separated dp sizes: run the DP sweep (dp_sweep) only")
     args = parser.parse_args()
 
+    if args.prepare_tasks:
+        pathlib.Path(args.dir).mkdir(parents=True, exist_ok=True)
+        prepare_tasks(pathlib.Path(args.dir), args.mb, [int(x) for x in args.prepare_tasks.split(",")])
+        return
+    if args.dp_sweep:
+        manifest = build(pathlib.Path(args.dir), args.mb, args.seq_length)
+        size = sum(s["bytes"] for s in manifest["shards"]) / 1e6
+        print(f"bench: {len(manifest['shards'])} shards, {size:.0f} MB, {manifest['num_sequences']} rows")
+        dp_sweep(str(pathlib.Path(args.dir) / "shards"), [int(x) for x in args.dp_sweep.split(",")])
+        return
     manifest = build(pathlib.Path(args.dir), args.mb, args.seq_length)
     shards = pathlib.Path(args.dir) / "shards"
     paths = [shards / s["name"] for s in manifest["shards"]]

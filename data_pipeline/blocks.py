@@ -15,6 +15,7 @@ import numpy as np
 from data_pipeline import tario
 from data_pipeline.errors import DataError
 from data_pipeline.integrity import Verifier
+from data_pipeline.rows import RowFiles, rows_readable
 from data_pipeline.sampler import SourcePlan, Window, WindowMemory
 from data_pipeline.stream import Source, local_shard_problems, read_shard
 
@@ -34,12 +35,14 @@ class _Chunk(NamedTuple):
 
 
 def _read_chunks(src: Source, plan: SourcePlan, bad: dict, verify: bool, verifier: Verifier, loop: bool,
-                 epoch: int, pos: int, block: int) -> Iterator[_Chunk]:
+                 epoch: int, pos: int, block: int, counted: list) -> Iterator[_Chunk]:
     """The source's blocks in stream order from `block` of the `pos`-th shard of `epoch` (the read-ahead
     thread's work). Shards known bad from their first block are passed over, as the consumer never asks for
     them; a shard's error ends its chunks and reading goes on with the next shard, as the consumer does."""
     while True:
         order = plan.shard_order(epoch)
+        if pos == 0 and all(bad.get(int(shard)) == 0 for shard in order):
+            return  # every shard bad from its first block: nothing left to read (and no endless loop here)
         for p in range(pos, len(order)):
             shard = int(order[p])
             if bad.get(shard) == 0:
@@ -53,6 +56,7 @@ def _read_chunks(src: Source, plan: SourcePlan, bad: dict, verify: bool, verifie
                         blocks, size = {}, 0
                     blocks[b] = rows
                     size += rows.nbytes
+                    counted[0] += rows.nbytes + 512  # the block and its tar header
             except DataError as exc:
                 error = exc
             yield _Chunk(epoch, shard, blocks, error)
@@ -69,8 +73,13 @@ class BlockSource:
     one, a resume) restarts it there, so positions and results do not depend on it."""
 
     def __init__(self, src: Source, plan: SourcePlan, *, verify: bool, skip_bad: bool, loop: bool = True,
-                 read_ahead: bool = True):
+                 read_ahead: bool = True, owned_rows: bool = False):
+        """owned_rows: read only the rows asked for (`read_rows`, rows.py) where the source allows it: local
+        packed shards with row digests, verified, bad shards an error (a skip must be seen by every rank alike,
+        so it needs every rank to read every row); else whole shards as before."""
         self.src, self.plan, self.verify, self.skip_bad = src, plan, verify, skip_bad
+        self.rows = RowFiles(src) if owned_rows and verify and not skip_bad and rows_readable(src) else None
+        self._counted = [0]  # bytes of blocks read whole (+ their headers); updated by the read-ahead thread
         self.loop, self.read_ahead = loop, read_ahead
         self.verifier = Verifier()
         self.window_memory = WindowMemory()  # the shuffle windows' buffers, kept across iterations
@@ -86,6 +95,28 @@ class BlockSource:
             raise exc
         self.bad[shard] = min(block, self.bad.get(shard, block))
         self.messages.append(f"{exc}; skipping its blocks from {block} on (on_bad_shard=skip)")
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process has read from the source's shard files: rows (and row digests and headers) when
+        reading rows, else whole blocks with their headers plus each shard hashed once for its checksum."""
+        return self._counted[0] + self.verifier.bytes_hashed + (self.rows.bytes_read if self.rows else 0)
+
+    def read_rows(self, win: Window, rows: np.ndarray) -> np.ndarray:
+        """Rows of `win` (indices into its blocks' rows concatenated) -> [n, seq_length + 1], read one by one."""
+        sizes = np.array([n for _, _, n in win.blocks], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        k = np.searchsorted(starts, rows, side="right") - 1  # [n] block of the window each row sits in
+        shards = np.array([s for s, _, _ in win.blocks], dtype=np.int64)[k]
+        blocks = np.array([b for _, b, _ in win.blocks], dtype=np.int64)[k]
+        within = rows - starts[k]
+        if len(rows) and (shards == shards[0]).all():  # the usual case: the rows of one shard, one copy
+            return self.rows.gather(int(shards[0]), blocks, within)
+        out = np.empty((len(rows), self.src.row), dtype=self.rows.dtype)
+        for shard in np.unique(shards):
+            mine = np.flatnonzero(shards == shard)
+            out[mine] = self.rows.gather(int(shard), blocks[mine], within[mine])
+        return out
 
     def close(self) -> None:
         """Stop the read-ahead, if any (a new iteration starts from wherever its cursor says)."""
@@ -104,7 +135,7 @@ class BlockSource:
         self.close()
         pos = int(np.flatnonzero(self.plan.shard_order(epoch) == shard)[0])
         chunks = _read_chunks(self.src, self.plan, self.bad, self.verify, self.verifier, self.loop, epoch, pos,
-                              block)
+                              block, self._counted)
         self._ahead = tario.ReadAhead(chunks, _READ_AHEAD_CHUNKS) if self.read_ahead else chunks
 
     def _fetch(self) -> None:

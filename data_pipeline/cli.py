@@ -13,6 +13,7 @@ import tempfile
 from typing import Iterator
 
 from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import DEFAULT_INPUT_SENTENCES
 
 
 def _add_input_args(parser: argparse.ArgumentParser, bundled_choices: tuple[str, ...]) -> None:
@@ -53,18 +54,41 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
                                input_sentence_size=args.input_sentence_size,
                                shuffle_input_sentence=args.shuffle_input_sentence, num_threads=args.threads,
                                text_key=args.text_key, special_symbols=_symbol_list(args.special_symbols),
-                               user_defined_symbols=_symbol_list(args.user_defined_symbols), verbose=args.verbose)
+                               user_defined_symbols=_symbol_list(args.user_defined_symbols), verbose=args.verbose,
+                               seed=args.seed)
     print(f"tokenizer: wrote {path}")
     return 0
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.shards import prepare_shards
+    from data_pipeline.tasks import prepare_task, task_index_default
 
+    if args.num_tasks is not None:
+        index = args.task_index if args.task_index is not None else task_index_default()
+        if args.num_tasks < 1 or index is None:
+            raise DataError(f"data prepare: --num-tasks {args.num_tasks} needs --task-index (or SLURM_ARRAY_TASK_ID)"
+                            f" and at least 1 task")
+        with _inputs(args) as inputs:
+            ran = prepare_task(inputs, args.tokenizer, args.output, args.seq_length, num_tasks=args.num_tasks,
+                               task_index=index, samples_per_shard=args.samples_per_shard,
+                               sequences_per_sample=args.sequences_per_sample, text_key=args.text_key,
+                               workers=args.workers)
+        print(f"data prepare: task {index} of {args.num_tasks} {'done' if ran else 'had already finished'}")
+        return 0
     with _inputs(args) as inputs:
         prepare_shards(inputs, args.tokenizer, args.output, args.seq_length,
                        samples_per_shard=args.samples_per_shard, sequences_per_sample=args.sequences_per_sample,
                        text_key=args.text_key, prefix=args.prefix, workers=args.workers)
+    return 0
+
+
+def _data_merge(args: argparse.Namespace) -> int:
+    from data_pipeline.tasks import merge_tasks
+
+    manifest = merge_tasks(args.dir)
+    print(f"data merge: {manifest['tasks']} tasks, {len(manifest['shards'])} shards, {manifest['num_documents']} "
+          f"documents, {manifest['num_tokens']} tokens -> {args.dir}/manifest.json")
     return 0
 
 
@@ -84,8 +108,10 @@ def register(subparsers) -> None:
                        help="fraction of characters covered by pieces (e.g. 0.9995 for CJK); the rest: bytes/unk")
     train.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
                        help="encode characters outside the vocabulary as byte pieces instead of <unk>")
-    train.add_argument("--input-sentence-size", type=int, default=0,
-                       help="sample this many lines for training (0: all; bounds memory on big corpora)")
+    train.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCES,
+                       help="train on a seeded sample of this many lines, uniform over all inputs (default "
+                            "%(default)s: bounded memory on any corpus; 0: every line)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the line sample")
     train.add_argument("--shuffle-input-sentence", action=argparse.BooleanOptionalAction, default=True,
                        help="with --input-sentence-size, sample lines at random (seeded) instead of the first N")
     train.add_argument("--special-symbols", default="[CLS],[SEP],[MASK]", metavar="A,B,...",
@@ -98,7 +124,7 @@ def register(subparsers) -> None:
     train.set_defaults(func=lambda args, overrides: _tokenizer_train(args))
 
     data = subparsers.add_parser("data", help="prepare token shards")
-    data_sub = data.add_subparsers(dest="data_command", metavar="{prepare}", required=True)
+    data_sub = data.add_subparsers(dest="data_command", metavar="{prepare,merge}", required=True)
     prep = data_sub.add_parser("prepare", help="tokenize a corpus into WebDataset shards + manifest.json",
                                description="Tokenize documents into rows of seq_length+1 tokens, packed into "
                                            "reproducible WebDataset tar shards with a manifest.json.")
@@ -113,4 +139,14 @@ def register(subparsers) -> None:
     prep.add_argument("--workers", type=int, default=None, metavar="N",
                       help="tokenizer processes (default: min(4, CPUs); 0 or 1: in this process); "
                            "the shards are identical for any N")
+    prep.add_argument("--num-tasks", type=int, default=None, metavar="N",
+                      help="prepare as N independent tasks (a job array): this run does one share of the input "
+                           "(by file, and by byte range inside .jsonl files); then `data merge DIR`")
+    prep.add_argument("--task-index", type=int, default=None, metavar="I",
+                      help="which task, 0..N-1 (default: SLURM_ARRAY_TASK_ID)")
     prep.set_defaults(func=lambda args, overrides: _data_prepare(args))
+    merge = data_sub.add_parser("merge", help="check every prepare task finished and write manifest.json",
+                                description="After `data prepare --num-tasks N`: names any missing task, else "
+                                            "writes the tasks' tails as shards and the merged manifest.json.")
+    merge.add_argument("dir", metavar="DIR", help="the --output directory of the prepare tasks")
+    merge.set_defaults(func=lambda args, overrides: _data_merge(args))

@@ -30,6 +30,11 @@ from data_pipeline import tario
 from data_pipeline.errors import DataError
 
 FAST_CHECKSUM = "xxh3_128"
+# Row digests (the manifest's per-shard "row_digests" file, written by `data prepare`): xxh3_128 of each row's
+# token bytes, 16 bytes per row in row order, so a reader that reads only the rows it owns verifies exactly
+# those (rows.py). 16 bytes per row of 2049 uint16 tokens: 0.4% of the data.
+ROW_DIGESTS_SUFFIX = ".rowsums"
+ROW_DIGEST_BYTES = 16
 # Algorithms a manifest may carry, the reader's preference first; each maps to a streaming hasher factory.
 HASHERS: dict[str, Callable] = {FAST_CHECKSUM: xxhash.xxh3_128, "sha256": hashlib.sha256}
 _TAR_BLOCK = 512
@@ -51,6 +56,12 @@ def file_digests(path: str | os.PathLike, algorithms: tuple[str, ...] = tuple(HA
             for h in hashers.values():
                 h.update(block)
     return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+def row_digests(rows) -> bytes:
+    """The xxh3_128 digests (16 bytes each, canonical big-endian) of each row of `rows` [n, seq_length + 1],
+    concatenated: what a `row_digests` file holds for these rows."""
+    return b"".join(xxhash.xxh3_128_digest(row.tobytes()) for row in rows)
 
 
 def manifest_checksum(info: dict) -> tuple[str, str] | None:
@@ -124,6 +135,7 @@ class Verifier:
         self._maps: dict[tuple, memoryview] = {}  # file identity -> its mapping, kept for later epochs
         self._mapped = 0  # bytes in _maps
         self._keep = (keep_mapped_bytes, keep_mapped_shards)
+        self.bytes_hashed = 0  # bytes read to verify checksums (each file once)
 
     def __getstate__(self) -> dict:  # a process of its own (DataLoader worker) maps the files again
         return {**self.__dict__, "_maps": {}, "_mapped": 0}
@@ -145,6 +157,7 @@ class Verifier:
         key = tario.file_identity(f)
         if key not in self._done:
             got = digest(algorithm, data) if data is not None else file_digests(f.name, (algorithm,))[algorithm]
+            self.bytes_hashed += os.fstat(f.fileno()).st_size
             self._done[key] = got == expected
         return self._done[key]
 

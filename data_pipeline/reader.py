@@ -5,11 +5,15 @@ source has a seeded infinite row stream, global samples are drawn from the sourc
 rule, and global batch k is samples [k*GB, (k+1)*GB). DP rank r keeps the contiguous slice
 [k*GB + r*GB/dp, k*GB + (r+1)*GB/dp) and yields it as GB/(dp*micro) micro-batches (accumulation steps).
 
-Every rank reads the whole stream and keeps the rows it owns: read amplification = dp, which is cheap (one
-core reads ~350k rows of 2049 tokens per second here, >10,000x what an H100 training a 1.3B GPT consumes). In
-exchange the order is independent of dp, TP/PP peers (same dp_rank) see identical batches, every rank takes
-the same number of steps, and a bad shard is seen identically by every rank, so skipping it keeps the ranks in
-step.
+With `owned_rows=True` (training) a rank reads only the rows it owns, at their offsets in the shard files, each
+checked against the shard's row digests the first time this process reads it (rows.py): the job reads each byte
+once per epoch whatever dp is. With one source a rank reads its rows of a shuffle window when it reaches the
+window (one gather, checked before any row is used: one window ahead at most); blended sources read them per
+global batch. The same code walks the same windows and positions on every rank, so the order is
+independent of dp, TP/PP peers (same dp_rank) see identical batches and every rank takes the same number of
+steps. Without it, and where rows cannot be read one by one (on_bad_shard="skip", URLs, manifests without row
+digests or member tables), every rank reads the whole stream and keeps its rows (read amplification = dp): a bad
+shard is then seen identically by every rank, so skipping it keeps the ranks in step. `bytes_read` counts both.
 
 Resume: the state holds consumed_samples plus, per source, the blend count and the stream position; loading it
 seeks straight to the window holding that position (earlier shards are not opened). It is exact also under a
@@ -21,9 +25,10 @@ them, 1st use) up to two chunks ahead while the caller's thread shuffles and wid
 block order, so rows and positions are identical without it, and it stops with the iterator.
 
 DataLoader workers (num_workers > 0) split by groups of micro-batches (WORKER_ITEM_ROWS rows): worker w builds
-this rank's groups w, w + W, ... (each worker reads the whole stream, keeping only its own rows), and the
+this rank's groups w, w + W, ... (reading only its own rows with owned_rows, else the whole stream), and the
 DataLoader's in-order round-robin returns them in stream order, so the stream is identical for every
-num_workers. Workers overlap reading with training; they add no read throughput (each reads everything).
+num_workers. Workers overlap reading with training (reading whole shards, they add no read throughput: each
+reads everything); they report their bytes read with each item.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ STATE_VERSION = 2
 # (~100 µs) would otherwise cap it at ~10k items/s; 256 rows x 2049 tokens = 1 MB of uint16 per item.
 WORKER_ITEM_ROWS = 256
 _ERROR_TAG = "__data_error__"  # worker -> main process: a DataError message, re-raised as one line
+_BYTES_TAG = "__bytes_read__"  # worker -> main process: (tag, bytes read since its last item, the items)
 
 
 class ShardReader:
@@ -62,10 +68,11 @@ class ShardReader:
                  dp_size: int = 1, seed: int = 0, shuffle: bool = True, loop: bool = True, num_workers: int = 0,
                  expected_tokenizer_sha256: str | None = None, verify_checksums: bool = True,
                  on_bad_shard: str = "error", shuffle_window_blocks: int = 8, read_ahead: bool = True,
-                 dtype: str = "int64"):
+                 dtype: str = "int64", owned_rows: bool = False):
         """Resolve sources and check manifests and local shard files now; checksums are checked before use.
         read_ahead: read shards in a background thread while this one converts and hands out rows (the
-        stream is identical without it)."""
+        stream is identical without it). owned_rows: read only the rows this rank (and worker) keeps, for
+        every source that allows it (module docstring); the stream is identical either way."""
         if not 0 <= dp_rank < dp_size or num_workers < 0 or on_bad_shard not in ("error", "skip") \
                 or dtype not in ("int64", "native"):
             raise ValueError(f"ShardReader: need 0 <= dp_rank < dp_size, num_workers >= 0, on_bad_shard "
@@ -97,7 +104,9 @@ class ShardReader:
                                  seed=seed, source=d, shuffle=shuffle, window_blocks=shuffle_window_blocks)
                       for d, s in enumerate(self.sources)]
         self._blocks = [BlockSource(s, p, verify=verify_checksums, skip_bad=on_bad_shard == "skip", loop=loop,
-                                    read_ahead=read_ahead) for s, p in zip(self.sources, self.plans)]
+                                    read_ahead=read_ahead, owned_rows=owned_rows)
+                        for s, p in zip(self.sources, self.plans)]
+        self._worker_bytes = 0  # bytes read by DataLoader workers (num_workers > 0), as they reported them
         self._warned: set[str] = set()
         self._note_skips([m for b in self._blocks for m in b.messages])
         self.num_batches = None
@@ -166,6 +175,13 @@ class ShardReader:
         return (counts / total if total else np.asarray(self.weights) / sum(self.weights)).tolist()
 
     @property
+    def bytes_read(self) -> int:
+        """Bytes this rank's reader has read from shard files so far (its DataLoader workers' included): a
+        counter for metrics (`data_read_bytes`). Reading rows (owned_rows), about the bytes of the rows it
+        kept; reading whole shards, every shard's bytes per epoch."""
+        return self._worker_bytes + sum(b.bytes_read for b in self._blocks)
+
+    @property
     def skipped_shards(self) -> int:
         """Bad shards skipped so far by this process (on_bad_shard="skip"); a counter for metrics."""
         return len(self._warned)
@@ -196,7 +212,9 @@ class ShardReader:
         # (no copy), the per-micro-batch Python work is what limits the reader.
         GB, B, m = self.global_batch_size, self.micro_batch_size, self.accumulation
         lo, _ = rank_slice(GB, self.dp_rank, self.dp_size)
-        cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name, memory=b.window_memory)
+        owned = self._owned_positions(start, worker, workers, group) if len(self._blocks) == 1 else None
+        cursors = [SourceCursor(p, pos, b.read_window, loop=self.loop, name=s.name, memory=b.window_memory,
+                                read_rows=b.read_rows if b.rows is not None else None, owned=owned)
                    for p, b, s, pos in zip(self.plans, self._blocks, self.sources, start["positions"])]
         consumed, first, counts = start["consumed_samples"], start["micro_batch"], np.array(start["counts"])
         n_msgs, local, masks = sum(len(b.messages) for b in self._blocks), 0, {}
@@ -233,6 +251,24 @@ class ShardReader:
             local += m - first
             first = 0
 
+    def _owned_positions(self, start: dict, worker: int, workers: int, group: int):
+        """For one source: stream positions -> whether this rank and worker keep them (what `_micro_batches`
+        keeps). Every row is read in order then (owned rows have no skips), so position p is global sample
+        consumed + (p - position) of the iteration's start: global batch k = (p - position) // GB of it."""
+        GB, B, m, first = self.global_batch_size, self.micro_batch_size, self.accumulation, start["micro_batch"]
+        lo, hi = rank_slice(GB, self.dp_rank, self.dp_size)
+        p0 = start["positions"][0]
+
+        def owned(positions: np.ndarray) -> np.ndarray:
+            k, s = np.divmod(positions - p0, GB)  # [n] global batch (from the start) and place in it
+            i = (s - lo) // B  # this rank's micro-batch, where lo <= s < hi
+            mine = (positions >= p0) & (s >= lo) & (s < hi) & ((k > 0) | (i >= first))
+            if workers > 1:  # DataLoader worker w builds micro-batch groups w, w + W, ... (counted from the start)
+                mine &= (k * m + i - first) // group % workers == worker
+            return mine
+
+        return owned
+
     def _gather(self, cursors: list[SourceCursor], assign: np.ndarray, wanted: np.ndarray | int) -> list:
         """Advance every source through one global batch; return the wanted rows in order, in the shards' dtype,
         as consecutive pieces (views of the shuffle windows where possible: no copy here)."""
@@ -262,8 +298,11 @@ class ShardReader:
         dtype = self.dtype
         try:
             for items in source:
-                if isinstance(items, tuple) and items[0] == _ERROR_TAG:
-                    raise DataError(items[1])
+                if isinstance(items, tuple):
+                    if items[0] == _ERROR_TAG:
+                        raise DataError(items[1])
+                    self._worker_bytes += items[1]  # (_BYTES_TAG, bytes read since the last item, items)
+                    items = items[2]
                 # The lean loop: per-micro-batch work is what limits small micro-batches.
                 for _, batch, self._first_index, state, messages in items:
                     if messages:
@@ -323,21 +362,29 @@ class _WorkerStream:
         group = max(1, WORKER_ITEM_ROWS // r.micro_batch_size)
         # Ships the shards' own dtype (uint16: 4x less to pickle through the pipe); the main process widens.
         items: list[tuple] = []
+        reported = r.bytes_read
+
+        def shipped(items: list) -> tuple:  # the items with the bytes read for them (and since the last ones)
+            nonlocal reported
+            now = r.bytes_read
+            delta, reported = now - reported, now
+            return _BYTES_TAG, delta, items
+
         try:
             for batch_items in r._produce(self.start, info.id, info.num_workers, group):
                 for item in batch_items:
                     if items and item[0] // group != items[0][0] // group:
-                        yield items
+                        yield shipped(items)
                         items = []
                     items.append(item)
         except DataError as exc:
             # Torch would re-raise in the main process with a multi-line traceback; send the one line instead.
             if items:  # the micro-batches before the error come first, as they do without workers
-                yield items
+                yield shipped(items)
             yield (_ERROR_TAG, str(exc))
             return
         if items:
-            yield items
+            yield shipped(items)
 
 
 def _worker_loader(reader: ShardReader, start: dict) -> Iterator:

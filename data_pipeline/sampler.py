@@ -113,19 +113,32 @@ class SourceCursor:
     `read_window(window)` returns one array per block ([rows, seq_length + 1], any integer dtype) or None for
     a block that is unreadable and skipped (`on_bad_shard="skip"`). Skipped rows are stepped over: `position`
     counts stream rows, including skipped ones, so the position alone says where to resume.
+
+    With `read_rows(window, rows)` (int64 window rows, as indices into its blocks concatenated -> [n, seq_length
+    + 1]) no whole window is read, only the rows this reader keeps (every row is readable then: a bad one is an
+    error): with `owned(positions) -> bool mask` (stream positions this reader will keep), a window's owned rows
+    at once when it is loaded (one gather, all checked before any is used: at most one window ahead); without,
+    each `read_parts` reads the rows it keeps.
     """
 
     def __init__(self, plan: SourcePlan, position: int, read_window: Callable[[Window], list], *,
-                 loop: bool = True, name: str = "source", memory: "WindowMemory | None" = None):
+                 loop: bool = True, name: str = "source", memory: "WindowMemory | None" = None,
+                 read_rows: Callable[[Window, np.ndarray], np.ndarray] | None = None,
+                 owned: Callable[[np.ndarray], np.ndarray] | None = None):
         """Start at stream row `position`; nothing is read before the first `read()`. `memory`: where windows
         are built (one per source that outlives cursors: its buffers are reused across iterations)."""
         self.plan, self._read_window, self.loop, self.name = plan, read_window, loop, name
+        self._read_rows, self._owned_fn = read_rows, owned
+        self._owned = self._slot = None  # row mode with `owned`: [window rows] bool, and index into _rows
         self._memory = memory or WindowMemory()
         self._target = int(position)  # where to start: resolved lazily on the first read
         self._window: Window | None = None
         self._rows = self._pos = None  # the window's readable rows in stream order, and their positions
         self._i = 0  # next entry of _rows / _pos
-        self._empty_windows = 0  # consecutive windows without a readable row: a whole epoch of them is fatal
+        # (epoch, window) starting the current run of windows without a readable row: a run that covers one
+        # whole epoch, window 0 to its last, is fatal (every shard is bad); a run that only adds up to an
+        # epoch's worth of windows across a boundary is not (the good shard moved within the order).
+        self._empty_since: tuple[int, int] | None = None
 
     @property
     def position(self) -> int:
@@ -141,6 +154,14 @@ class SourceCursor:
         if not self.loop and epoch > 0:
             raise Exhausted(self.name)
         win = self.plan.window(epoch, index)
+        if self._read_rows is not None:  # only the rows this reader keeps
+            self._rows, self._pos = None, win.start + np.arange(len(win.order))
+            if self._owned_fn is not None:  # the window's owned rows now, in stream order
+                self._owned = self._owned_fn(epoch * self.plan.rows_per_epoch + self._pos)
+                self._slot = np.cumsum(self._owned) - 1
+                self._rows = self._read_rows(win, win.order[self._owned])  # [owned rows, seq_length + 1]
+            self._window, self._i = win, 0
+            return
         arrays = self._read_window(win)
         sizes = [r for _, _, r in win.blocks]
         ok = np.repeat([a is not None for a in arrays], sizes)  # [window rows]: row readable?
@@ -149,8 +170,12 @@ class SourceCursor:
         self._rows = _in_stream_order(arrays, sizes, win.order[keep], self._memory)  # [readable rows, seq + 1]
         self._pos = win.start + np.flatnonzero(keep)  # positions (within the epoch) of the readable rows
         self._window, self._i = win, 0
-        self._empty_windows = 0 if len(self._pos) else self._empty_windows + 1
-        if self._empty_windows > self.plan.windows_per_epoch:
+        if len(self._pos):
+            self._empty_since = None
+            return
+        since = self._empty_since = self._empty_since or (epoch, index)
+        whole = since[0] if since[1] == 0 else since[0] + 1  # the first epoch the run can cover whole
+        if epoch > whole or (epoch == whole and index == self.plan.windows_per_epoch - 1):
             raise DataError(f"{self.name}: no readable shard in a whole epoch (all skipped as bad)")
 
     def _ensure(self) -> None:
@@ -192,9 +217,22 @@ class SourceCursor:
         while done < n:
             self._ensure()
             chunk = min(n - done, len(self._pos) - self._i)
-            rows = self._rows[self._i: self._i + chunk]  # a view: consecutive rows
-            if not every and not keep[done: done + chunk].all():
-                rows = rows[keep[done: done + chunk]]
+            if self._read_rows is not None:
+                picked = np.arange(self._i, self._i + chunk)  # stream positions in the window
+                if not every:
+                    picked = picked[keep[done: done + chunk]]
+                if self._owned is None:
+                    rows = self._read_rows(self._window, self._window.order[picked])
+                else:
+                    if not self._owned[picked].all():
+                        raise AssertionError(f"{self.name}: asked for rows the owned mask left out")
+                    slots = self._slot[picked]
+                    whole = len(slots) and slots[-1] - slots[0] + 1 == len(slots)
+                    rows = self._rows[slots[0]: slots[-1] + 1] if whole else self._rows[slots]  # a view if whole
+            else:
+                rows = self._rows[self._i: self._i + chunk]  # a view: consecutive rows
+                if not every and not keep[done: done + chunk].all():
+                    rows = rows[keep[done: done + chunk]]
             if len(rows):
                 parts.append(rows)
             self._i += chunk

@@ -4,6 +4,8 @@ Layout on disk (`output_dir/`):
 
     shard-000000.tar ...   tar members `<block>.tokens.u16` (or `.tokens.i32`): one block of up to
                            `sequences_per_sample` rows of `seq_length + 1` little-endian token ids
+    shard-000000.rowsums   per row, in row order, the xxh3_128 digest (16 bytes) of its token bytes: lets a
+                           reader that reads only some rows (integrity.py, rows.py) verify exactly those
     manifest.json          format, seq_length, dtype, tokenizer identity, per shard: counts, bytes, sha256,
                            xxh3_128 and the member table (integrity.py); written last, so its presence means
                            the shards are complete
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
-from data_pipeline.integrity import FAST_CHECKSUM, file_digests, packed_members_entry
+from data_pipeline.integrity import FAST_CHECKSUM, ROW_DIGESTS_SUFFIX, file_digests, packed_members_entry, row_digests
 from data_pipeline.tokenizer import Tokenizer, encode_documents, init_encode_worker
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ def prepare_shards(
     text_key: str = "text",
     prefix: str = "shard",
     workers: int | None = None,
+    documents: Iterable[str] | None = None,
+    token_ids: Iterable[np.ndarray] | None = None,
+    tail_path: str | None = None,
 ) -> dict:
     """Tokenize `inputs` (paths or globs) into WebDataset shards under `output_dir`; return the manifest.
 
@@ -93,6 +98,10 @@ def prepare_shards(
     `workers` tokenizer processes (default `default_workers()`; 0 or 1 encodes in this process, as does an
     input that fits in one chunk). Workers are spawned, not forked (the caller may hold threads, e.g. torch's),
     so a script calling this with workers > 1 needs the usual `if __name__ == "__main__":` guard.
+
+    For tasks (tasks.py): `documents` replaces reading `inputs` (then only named in messages); `token_ids`
+    (arrays of ids, eos included) replaces reading and encoding; `tail_path` keeps the final partial row's ids
+    there (np.save) instead of dropping them, so a merge can carry them on.
     """
     _check_positive(seq_length=seq_length, samples_per_shard=samples_per_shard,
                     sequences_per_sample=sequences_per_sample)
@@ -101,7 +110,7 @@ def prepare_shards(
         raise DataError(f"data prepare: workers must be an integer >= 0, got {workers!r}")
     if not prefix or "/" in prefix or "." in prefix:
         raise DataError(f"data prepare: prefix must be a plain name without '/' or '.', got {prefix!r}")
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs) if documents is None and token_ids is None else [pathlib.Path(i) for i in inputs]
     tok = Tokenizer(tokenizer_path)
     dtype_name = "uint16" if tok.vocab_size <= 65535 else "int32"
     np_dtype, ext = DTYPES[dtype_name]
@@ -114,8 +123,10 @@ def prepare_shards(
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for stale in sorted(out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
         stale.unlink()
+        stale.with_suffix(ROW_DIGESTS_SUFFIX).unlink(missing_ok=True)
 
     stats: dict[str, list[int]] = {}  # shard file -> [sequences, blocks], in writing order
+    digests_of: dict[str, list[bytes]] = {}  # shard file -> its rows' xxh3_128 digests, in row order
     carry = np.zeros(0, dtype=np.int64)  # tokens not yet filling a whole row
     pending: list[np.ndarray] = []  # complete rows not yet filling a whole block
     pending_rows = 0
@@ -125,8 +136,11 @@ def prepare_shards(
     def write_block(rows: np.ndarray) -> None:
         nonlocal num_blocks
         # Global block index as the key: unique across shards, and no '.' (webdataset splits keys at dots).
-        writer.write({"__key__": BLOCK_KEY.format(num_blocks), ext: rows.astype(np_dtype, copy=False).tobytes()})
-        entry = stats.setdefault(os.path.basename(writer.fname), [0, 0])
+        rows = rows.astype(np_dtype, copy=False)
+        writer.write({"__key__": BLOCK_KEY.format(num_blocks), ext: rows.tobytes()})
+        name = os.path.basename(writer.fname)
+        digests_of.setdefault(name, []).append(row_digests(rows))
+        entry = stats.setdefault(name, [0, 0])
         entry[0] += len(rows)
         entry[1] += 1
         num_blocks += 1
@@ -135,19 +149,22 @@ def prepare_shards(
     # reproducible. verbose=0: tqdm reports progress instead of ShardWriter's per-shard prints. maxsize is left
     # at its 3 GB default as a safety valve; the manifest records whatever split actually happened.
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0)
-    docs = (doc for path in files for doc in read_documents(path, text_key=text_key))
+    docs = documents if documents is not None else (doc for path in files
+                                                    for doc in read_documents(path, text_key=text_key))
     used_workers = 0
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
         chunks = _chunks(docs)
         first = list(itertools.islice(chunks, 2))
         chunks = itertools.chain(first, chunks)
-        if workers > 1 and len(first) > 1:  # a pool costs ~0.5 s to start: not for inputs of one chunk
+        if token_ids is not None:
+            encoded = ((0, 0, np.asarray(ids, dtype=np.int32)) for ids in token_ids)
+        elif workers > 1 and len(first) > 1:  # a pool costs ~0.5 s to start: not for inputs of one chunk
             used_workers = workers
             encoded = _encode_in_pool(chunks, tok, workers, stack)
         else:
             encoded = ((len(c), *encode_documents(c, tok)) for c in chunks)
-        bar = stack.enter_context(tqdm(desc="data prepare", unit="doc", mininterval=1.0))
+        bar = stack.enter_context(tqdm(desc="data prepare", unit="doc", mininterval=1.0, disable=None))  # TTY only
         for n_docs, n_bytes, ids in encoded:  # ids: int32 [tokens of n_docs documents, each followed by eos]
             num_docs += n_docs
             text_bytes += n_bytes
@@ -170,6 +187,12 @@ def prepare_shards(
         if pending_rows:
             write_block(np.concatenate(pending))  # the one short block, at the very end
         dropped_tokens = len(carry)
+        if tail_path is not None:
+            np.save(tail_path, carry.astype(np.int32))
+    if num_blocks == 0 and tail_path is not None:  # a task too small for one row: all of it is tail
+        for path in out.glob(f"{prefix}-*.tar"):
+            path.unlink()
+        return {"num_documents": num_docs, "num_sequences": 0, "shards": [], "dropped_tokens": dropped_tokens}
     if num_blocks == 0:
         for path in out.glob(f"{prefix}-*.tar"):  # ShardWriter opens its first shard eagerly
             path.unlink()
@@ -180,8 +203,10 @@ def prepare_shards(
     for name, (seqs, blocks) in stats.items():
         # sha256 (provenance) and xxh3_128 (what readers verify, ~15x faster): integrity.py.
         digests = file_digests(out / name, ("sha256", FAST_CHECKSUM))
+        rowsums = pathlib.Path(name).with_suffix(ROW_DIGESTS_SUFFIX).name
+        (out / rowsums).write_bytes(b"".join(digests_of[name]))
         shards.append({"name": name, "sequences": seqs, "blocks": blocks, **digests,
-                       "bytes": (out / name).stat().st_size})
+                       "bytes": (out / name).stat().st_size, "row_digests": rowsums})
     num_sequences = sum(s["sequences"] for s in shards)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

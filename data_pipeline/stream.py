@@ -248,6 +248,7 @@ class _Lane:
         block, skip = divmod(within, r.block_tokens)
         for s in range(shard, len(r.src.urls)):
             for _, rows in read_shard(r.src, s, block, r.verify, r.verifier):
+                r.blocks_bytes += rows.nbytes + 512  # the block and its tar header
                 yield rows.reshape(-1)[skip:]  # [tokens], consecutive stream tokens
                 skip = 0
             block = 0
@@ -292,6 +293,7 @@ class StreamReader:
             raise exc
         self.batch_size, self.tgt_len, self.dp_rank, self.dp_size = batch_size, tgt_len, dp_rank, dp_size
         self.verify, self.loop, self.verifier = verify_checksums, loop, Verifier()
+        self.blocks_bytes = 0  # bytes of the blocks read (and their headers); the checksums' in verifier
         row = self.src.row
         self.block_tokens = m["sequences_per_sample"] * row
         # Stream offset of each shard's first token, in manifest order: offset -> (shard, block) by bisection.
@@ -303,6 +305,12 @@ class StreamReader:
                             f"{tgt_len}+1 tokens in {batch_size} lanes")
         self.epoch, self.offset = 0, 0  # offset: tokens of each lane consumed in this epoch
         self.reset_lanes = False
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from shard files by this rank's lanes (each lane reads its own stretch of the stream):
+        blocks with their headers, plus each shard hashed once for its checksum."""
+        return self.blocks_bytes + self.verifier.bytes_hashed
 
     def state_dict(self) -> dict:
         """Position of the next segment (JSON-serialisable)."""

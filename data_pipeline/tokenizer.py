@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import pathlib
 import signal
@@ -23,6 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from tqdm import tqdm
 
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataError
@@ -35,15 +38,48 @@ BERT_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
 
 # sentencepiece skips "sentences" longer than this many bytes (its default is 4192); lines of prose rarely are.
 MAX_SENTENCE_LENGTH = 16384
+# Lines the tokenizer trains on by default: a seeded reservoir sample (`sample_lines`), uniform over every line of
+# every input, so memory is bounded whatever the corpus size: at most DEFAULT_INPUT_SENTENCES lines of at most
+# MAX_SENTENCE_LENGTH bytes (longer ones are skipped): 164 GB in the worst case, ~1 GB for prose lines of ~100
+# bytes, plus sentencepiece's working set on that sample (BPE 32k on 100 MB: ~12 s; unigram ~1.7 GB RSS,
+# STACK_NOTES.md). 10M lines is the size sentencepiece's authors suggest for large corpora; 0: every line.
+# Ours, not sentencepiece's input_sentence_size: its reservoir ignores set_random_generator_seed (measured with
+# 0.2.x: every seed gave the same model), and a corpus under the bound then trains exactly as without one.
+DEFAULT_INPUT_SENTENCES = 10_000_000
 
 
 def _sentences(files: Sequence[pathlib.Path], text_key: str) -> Iterator[str]:
-    """Yield the non-empty lines of every document: sentencepiece trains on "sentences", not whole documents."""
+    """Yield the non-empty lines of every document: sentencepiece trains on "sentences", not whole documents.
+    Lines over MAX_SENTENCE_LENGTH bytes, which sentencepiece would skip, are skipped here (the sample's bound)."""
     for path in files:
         for doc in read_documents(path, text_key=text_key):
             for line in doc.splitlines():
-                if line.strip():
+                if line.strip() and (4 * len(line) <= MAX_SENTENCE_LENGTH
+                                     or len(line.encode("utf-8")) <= MAX_SENTENCE_LENGTH):
                     yield line
+
+
+def sample_lines(lines: Iterator[str], size: int, seed: int, shuffle: bool = True) -> list[str]:
+    """A uniform random sample of `size` lines of the stream (all of them, in order, if there are no more),
+    drawn with `seed` (reservoir sampling, Li's algorithm L: one random draw per line kept, not per line read);
+    `shuffle=False`: the first `size` lines. Memory: the sample only."""
+    rng = np.random.default_rng(seed)
+    it = iter(lines)
+    sample = [line for _, line in zip(range(size), it)]
+    if len(sample) < size or not shuffle:
+        return sample
+
+    def draw() -> float:  # in (0, 1]: never log(0)
+        return 1.0 - rng.random()
+
+    w = math.exp(math.log(draw()) / size)
+    take = size + int(math.log(draw()) / math.log1p(-w)) if w < 1 else size  # index of the next line kept
+    for i, line in enumerate(it, start=size):
+        if i == take:
+            sample[int(rng.integers(size))] = line
+            w *= math.exp(math.log(draw()) / size)
+            take = i + 1 + (int(math.log(draw()) / math.log1p(-w)) if w < 1 else 0)
+    return sample
 
 
 def _check_symbols(special: Sequence[str], user_defined: Sequence[str]) -> None:
@@ -66,20 +102,22 @@ def train_tokenizer(
     model_type: str = "bpe",
     character_coverage: float = 1.0,
     byte_fallback: bool = True,
-    input_sentence_size: int = 0,
+    input_sentence_size: int = DEFAULT_INPUT_SENTENCES,
     shuffle_input_sentence: bool = True,
     num_threads: int = 2,
     text_key: str = "text",
     special_symbols: Sequence[str] = BERT_SYMBOLS,
     user_defined_symbols: Sequence[str] = (),
     verbose: bool = False,
+    seed: int = 0,
 ) -> pathlib.Path:
     """Train a sentencepiece model on documents streamed from `inputs` (paths or globs); return the `.model` path.
 
-    Writes `output_prefix.model` and `output_prefix.vocab`. `input_sentence_size > 0` makes sentencepiece sample
-    that many lines (bounded memory on large corpora; `shuffle_input_sentence` picks them at random rather than
-    the first N); 0 uses every line. The model bytes, hence `sha256`, depend only on the inputs and these
-    settings (num_threads included: sentencepiece records it), not on paths.
+    Writes `output_prefix.model` and `output_prefix.vocab`. sentencepiece keeps `input_sentence_size` lines
+    (default DEFAULT_INPUT_SENTENCES: memory bounded on any corpus, see there), a reservoir sample uniform over
+    all lines of all inputs drawn with `seed` (`shuffle_input_sentence=False`: the first N instead); 0 uses every
+    line. The model bytes, hence `sha256`, depend only on the inputs and these settings (num_threads included:
+    sentencepiece records it), not on paths.
 
     `special_symbols` become control pieces with ids 4, 5, ... in the order given (default `[CLS] [SEP] [MASK]`
     for BERT; `()` for none); `user_defined_symbols` follow them. Each takes one slot of `vocab_size`.
@@ -88,7 +126,8 @@ def train_tokenizer(
     and newlines), so `decode(encode(text)) == text`: generated text keeps line breaks, and no document is altered
     before it becomes training tokens. Sentencepiece's default (nmt_nfkc, collapsed whitespace) is not.
 
-    Progress: a line before and after (with timing); `verbose=True` adds sentencepiece's own INFO log, which is
+    Progress: a line before and after (with timing), and a tqdm bar of the lines read (on a terminal only);
+    `verbose=True` adds sentencepiece's own INFO log, which is
     useful on long runs (unigram on 100 MB takes minutes) but lists every one of the 256 byte pieces.
     """
     if model_type not in ("bpe", "unigram"):
@@ -99,7 +138,7 @@ def train_tokenizer(
     prefix = pathlib.Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     symbols = " ".join(special_symbols) or "none"
-    sampling = f", sampling {input_sentence_size} lines" if input_sentence_size else ""
+    sampling = f", a seeded sample of at most {input_sentence_size} lines" if input_sentence_size else ""
     logger.info("tokenizer: training %s vocab=%d (special: %s%s) on %d file(s) -> %s.model", model_type, vocab_size,
                 symbols, sampling, len(files), prefix)
     start = time.perf_counter()
@@ -109,6 +148,10 @@ def train_tokenizer(
     # model_writer instead of model_prefix: the model then records no output path, so the same corpus and
     # settings give byte-identical models (and sha256) wherever they are written. We write both files ourselves.
     model_bytes = io.BytesIO()
+    lines = tqdm(_sentences(files, text_key), desc="tokenizer: reading", unit=" lines", mininterval=1.0,
+                 disable=None)  # disable=None: a bar on a terminal only
+    sentences = sample_lines(lines, input_sentence_size, seed, shuffle_input_sentence) if input_sentence_size \
+        else lines
     extra = {}
     # Passed only when non-empty: sentencepiece treats an empty list differently from an absent flag on some
     # versions, and the default model then stays byte-identical to one trained without the option.
@@ -118,13 +161,12 @@ def train_tokenizer(
         extra["user_defined_symbols"] = user_defined_symbols
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(files, text_key),
+            sentence_iterator=iter(sentences),
             model_writer=model_bytes,
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=character_coverage,
             byte_fallback=byte_fallback,
-            input_sentence_size=input_sentence_size,
             shuffle_input_sentence=shuffle_input_sentence,
             num_threads=num_threads,
             pad_id=PAD_ID,

@@ -38,6 +38,26 @@ def _slurm(args, overrides: list[str]) -> int:
     return 0
 
 
+def _slurm_prepare(args, overrides: list[str]) -> int:
+    from launch.slurm_prepare import PrepareJob, render, submit_both
+
+    prepare = [a for path in args.inputs for a in ("--input", path)]
+    prepare += ["--tokenizer", args.tokenizer, "--output", args.output, "--seq-length", str(args.seq_length),
+                "--samples-per-shard", str(args.samples_per_shard), "--sequences-per-sample",
+                str(args.sequences_per_sample), "--text-key", args.text_key]
+    job = PrepareJob(tasks=args.tasks, max_parallel=args.max_parallel, prepare_args=tuple(prepare),
+                     output=args.output, cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                     job_name=args.job_name, log_dir=args.log_dir, workdir=args.workdir,
+                     extra=tuple(args.sbatch_option))
+    if args.dry_run:
+        array, merge = render(job)
+        print(f"{array}\n# ---- merge job (submitted with the array's job id) ----\n{merge}", end="")
+        return 0
+    array_id, merge_id = submit_both(job, Path(args.script_dir) if args.script_dir else None)
+    print(f"submitted prepare array {array_id} ({args.tasks} tasks) and merge job {merge_id} (afterok)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``launch local`` and ``launch slurm`` to the ``pretrain`` parser."""
     launch = sub.add_parser("launch", help="start training with torchrun (local) or sbatch (slurm)")
@@ -79,3 +99,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--script", default=None, help="also write the rendered script here")
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     p.set_defaults(func=_slurm, accepts_overrides=True)
+
+    p = kinds.add_parser("slurm-prepare", help="data prepare as an sbatch job array + a merge job after it",
+                         description="Render (or submit) a job array of `data prepare --num-tasks N` tasks and a "
+                                     "`data merge` job that runs after all of them succeeded (afterok).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="corpus files or globs (as `data prepare --input`)")
+    p.add_argument("--tasks", type=int, required=True, help="array tasks: shares of the input")
+    p.add_argument("--max-parallel", type=int, default=0, help="at most this many tasks at once (0: no limit)")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--samples-per-shard", type=int, default=2048)
+    p.add_argument("--sequences-per-sample", type=int, default=64)
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--cpus-per-task", type=int, default=4, help="CPUs per task (its tokenizer workers)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default=None)
+    p.add_argument("--job-name", default="pretrain-prepare")
+    p.add_argument("--log-dir", default=None, help="directory for the tasks' logs (default: Slurm's)")
+    p.add_argument("--workdir", default=".", help="directory the jobs run in (default: here)")
+    p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT")
+    p.add_argument("--script-dir", default=None, help="also write both rendered scripts here")
+    p.add_argument("--dry-run", action="store_true", help="print both scripts instead of submitting them")
+    p.set_defaults(func=_slurm_prepare)

@@ -164,6 +164,9 @@ class Trainer:
         torch.zeros((), device=self.device).item()
         step_time = time.perf_counter() - start
         tokens_per_s = tokens * self.dp_size / step_time
+        # Summed over every rank (TP/PP peers read their batches too): what the job read from the filesystem.
+        read_bytes = torch.tensor([self.train_data.bytes_read], dtype=torch.int64, device=self.device)
+        dist.all_reduce(read_bytes)
         return {
             names.STEP: self.state.step,
             names.LOSS: loss_value,
@@ -177,6 +180,7 @@ class Trainer:
             names.TOKENS_TOTAL: self.state.tokens,
             names.TFLOPS: tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12,
             names.SKIPPED_SHARDS: self.train_data.skipped_shards,
+            names.DATA_READ_BYTES: int(read_bytes.item()),
             names.SKIPPED_STEPS: self.state.skipped_steps,
             names.LOSS_SPIKES: self.state.loss_spikes,
             **({names.DATA_FRACTIONS: [round(f, 4) for f in self.train_data.source_fractions()]}

@@ -15,6 +15,7 @@ CHECKPOINT_BLOCKING_S = "checkpoint_blocking_s"  # seconds this step's save held
 SKIPPED_SHARDS = "skipped_shards"  # corrupt/missing shards skipped under data.on_bad_shard=skip
 SKIPPED_STEPS = "skipped_steps"  # total steps without an update (non-finite loss/grad norm, or a skipped spike)
 LOSS_SPIKES = "loss_spikes"  # total steps whose loss was a spike (ft.spike_zscore), skipped or not
+DATA_READ_BYTES = "data_read_bytes"  # bytes all ranks' training data readers read from shard files so far
 
 #: Keys every logged training step carries.
 REQUIRED = (STEP, LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S)
@@ -52,6 +53,8 @@ PROM_TOKENS_TOTAL = "pretrain_tokens_total"
 PROM_SKIPPED_STEPS = "pretrain_skipped_steps_total"
 PROM_LOSS_SPIKES = "pretrain_loss_spikes_total"
 PROM_SKIPPED_SHARDS = "pretrain_skipped_shards_total"
+# Job-wide (summed over ranks, the same number on every rank): read it with max(), not sum().
+PROM_DATA_READ_BYTES = "pretrain_data_read_bytes_total"
 PROM_CHECKPOINT_SAVE = "pretrain_checkpoint_save_seconds"
 PROM_CHECKPOINT_BLOCKING = "pretrain_checkpoint_blocking_seconds"
 PROM_LAST_CHECKPOINT_STEP = "pretrain_last_checkpoint_step"

@@ -64,6 +64,8 @@ _COUNTERS = (
     (names.SKIPPED_STEPS, names.PROM_SKIPPED_STEPS, "Steps whose update was skipped (NaN/Inf or loss spike)."),
     (names.LOSS_SPIKES, names.PROM_LOSS_SPIKES, "Steps whose loss was a spike."),
     (names.SKIPPED_SHARDS, names.PROM_SKIPPED_SHARDS, "Corrupt or missing data shards skipped."),
+    (names.DATA_READ_BYTES, names.PROM_DATA_READ_BYTES, "Bytes all ranks' training data readers read from shard "
+     "files (job-wide: the same number on every rank; read with max())."),
 )
 
 

@@ -31,7 +31,7 @@ def shard_readers(cfg: Config, reader_args: dict):
     sources = [{k: v for k, v in dataclasses.asdict(s).items() if v != ""} for s in cfg.data.train]
     train_data = ShardReader(sources, global_batch_size=cfg.train.global_batch_size, shuffle=cfg.data.shuffle,
                              shuffle_window_blocks=cfg.data.shuffle_window_blocks, loop=True, dtype="native",
-                             **reader_args) if sources else None
+                             owned_rows=True, **reader_args) if sources else None
     valid_data = ShardReader(cfg.data.valid, shuffle=False, loop=False, **reader_args) if cfg.data.valid else None
     for reader in (train_data, valid_data):
         if reader is not None:

@@ -38,6 +38,11 @@ def torchrun_reference(shakespeare, tmp_path_factory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("torchrun")
     result = run_cli("train", str(TINY_CONFIG), *TRAIN_ARGS, *data_overrides(shakespeare, run_dir), torchrun_nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # data_read_bytes, summed over both ranks: each row of the shuffle windows read so far (8 steps x 8 rows, at
+    # most one 512-row window ahead) once, by the rank that owns it, with its 16-byte digest (129 uint16 tokens).
+    metrics = read_metrics(run_dir)
+    for s in range(1, STEPS + 1):
+        assert 8 * s * (129 * 2 + 16) <= metrics[s]["data_read_bytes"] <= (8 * s + 512) * (129 * 2 + 16)
     return losses(run_dir)
 
 

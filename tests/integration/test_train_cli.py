@@ -32,6 +32,10 @@ def test_loss_falls_metrics_and_checkpoint(reference_run):
         for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
             assert key in record, (key, record)
     assert metrics[STEPS]["loss"] < metrics[1]["loss"] - 1.5, (metrics[1]["loss"], metrics[STEPS]["loss"])
+    # The reader reads the rows of the shuffle windows it reached (16 rows of 129 uint16 tokens a step, at most one
+    # 512-row window ahead), each once, with its 16-byte digest.
+    for s, record in metrics.items():
+        assert 16 * s * (129 * 2 + 16) <= record["data_read_bytes"] <= (16 * s + 512) * (129 * 2 + 16)
     assert "val_loss" in metrics[STEPS] and metrics[STEPS]["val_ppl"] > 1.0
     checkpoints = reference_run / "checkpoints"
     assert (checkpoints / f"step_{STEPS}" / "COMMITTED").is_file()

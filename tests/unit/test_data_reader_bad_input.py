@@ -61,6 +61,32 @@ def test_skip_truncated_tar_keeps_the_readable_blocks(shards):
     assert r.skipped_shards == 1
 
 
+def test_skip_all_but_one_shard_reads_the_good_one_every_epoch(shards):
+    """With every shard but one corrupt, the good shard is read in every epoch: no "no readable shard" error at
+    the epoch boundary, however far apart the good shard sits in consecutive epochs' orders (issue 21, item 5)."""
+    from data_pipeline.sampler import SourcePlan
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    good = manifest_rows(shards)[:40]  # shard 0's rows
+    plan = SourcePlan([s["sequences"] for s in manifest["shards"]], 8, seed=4, source=0)
+    # The case that failed: good early in epoch 0, late in epoch 1, so more than an epoch's worth of windows
+    # without a readable row lies between the two reads of it (position * 5 blocks / 8 blocks per window).
+    assert plan.shard_order(0).tolist().index(0) <= 2 and plan.shard_order(1).tolist().index(0) >= 8
+    for info in manifest["shards"][1:]:
+        damage_sha(shards, info["name"])
+    with pytest.warns(RuntimeWarning):
+        r = reader(shards, micro_batch_size=GB, seed=4, on_bad_shard="skip")
+        got, _ = steps([r], 15)  # 3 epochs of the one good shard: 40 rows = 5 global batches each
+    assert r.skipped_shards == 12
+    for epoch in got.reshape(3, 40, 33):  # every good row once per epoch, nothing else
+        assert keyset(epoch) == keyset(good) and len(keyset(epoch)) == 40
+    for info in manifest["shards"][:1]:
+        damage_sha(shards, info["name"])  # now none is readable: stopped, one line, within a few epochs
+    with pytest.raises(DataError, match="no readable shard in a whole epoch") as e:
+        steps([reader(shards, micro_batch_size=GB, seed=4, on_bad_shard="skip")], 1)
+    one_line(e, "manifest.json")
+
+
 # ----- bad input: one-line DataError naming the file -----
 
 def test_missing_manifest_and_missing_or_resized_shard(tmp_path, shards):

@@ -2,12 +2,13 @@
 
 import argparse
 
+import numpy as np
 import pytest
 
 from data_pipeline import DataError
 from data_pipeline.cli import register
 from data_pipeline.testing import write_corpus_slice
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, sample_lines, train_tokenizer
 
 VOCAB = 400
 
@@ -109,3 +110,25 @@ def test_cli_symbol_and_sampling_flags(corpus, tmp_path, capsys):
     args = _parse(["tokenizer", "train", "--input", corpus, "--output", "x"])
     assert (args.special_symbols, args.byte_fallback, args.shuffle_input_sentence) == ("[CLS],[SEP],[MASK]", True,
                                                                                         True)
+
+
+def test_default_sample_is_bounded_seeded_and_progress_is_quiet_off_a_terminal(corpus, tmp_path, capfd,
+                                                                                 default_tok):
+    from data_pipeline.tokenizer import DEFAULT_INPUT_SENTENCES
+
+    assert _parse(["tokenizer", "train", "--input", corpus, "--output", "x"]).input_sentence_size \
+        == DEFAULT_INPUT_SENTENCES == 10_000_000  # bounded by default, the CLI as the API
+    a = train_tokenizer([corpus], str(tmp_path / "a"), VOCAB, input_sentence_size=150, seed=1, verbose=True)
+    err = capfd.readouterr().err
+    assert "Loaded all 150 sentences" in err  # sentencepiece holds the sample only: memory bounded by it
+    assert "tokenizer: reading" not in err  # tqdm only on a terminal (pytest's stderr is not one)
+    b = train_tokenizer([corpus], str(tmp_path / "b"), VOCAB, input_sentence_size=150, seed=2)
+    c = train_tokenizer([corpus], str(tmp_path / "c"), VOCAB, input_sentence_size=150, seed=1)
+    assert Tokenizer(a).sha256 == Tokenizer(c).sha256 != Tokenizer(b).sha256  # the seed picks the sample
+    # The sample is uniform over all lines: every line equally likely (chi-square of 10,000 picks, 250 per line;
+    # fixed seeds: the same numbers every run).
+    counts = np.zeros(40, dtype=np.int64)
+    for seed in range(2500):
+        counts[[int(x) for x in sample_lines((str(i) for i in range(40)), 4, seed)]] += 1
+    assert ((counts - 250) ** 2 / 250).sum() < 80  # 39 degrees of freedom: p ~ 1e-4 at 80
+    assert sample_lines(iter(["a", "b"]), 4, 0) == ["a", "b"] and sample_lines(iter("abcdef"), 2, 0, False) == ["a", "b"]

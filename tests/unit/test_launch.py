@@ -235,3 +235,21 @@ def test_bus_bandwidth_is_nccl_tests_busbw():
     # 1 GB in 1 s over 4 ranks: a ring moves 2 (n - 1) / n of it per rank.
     assert bus_bandwidth(10**9, 4, 1.0) == 1.5
     assert bus_bandwidth(10**9, 2, 0.5) == 2.0
+
+
+def test_slurm_prepare_renders_an_array_and_an_afterok_merge():
+    from launch.slurm_prepare import PrepareJob, render
+
+    job = PrepareJob(tasks=4, max_parallel=2, prepare_args=("--input", "a b.jsonl", "--tokenizer", "t.model",
+                                                              "--output", "out", "--seq-length", "128"),
+                     output="out", cpus_per_task=3, log_dir="logs")
+    array, merge = render(job, "4711")
+    assert "#SBATCH --array=0-3%2" in array and "#SBATCH --requeue" in array and "#SBATCH --cpus-per-task=3" in array
+    assert ("data prepare --input 'a b.jsonl' --tokenizer t.model --output out --seq-length 128 --workers 3 "
+            '--num-tasks 4 --task-index "${SLURM_ARRAY_TASK_ID}"') in array
+    assert "#SBATCH --dependency=afterok:4711" in merge and merge.rstrip().endswith("-m pretrain data merge out")
+    assert "#SBATCH --output=logs/%x-%A_%a.log" in array
+    with pytest.raises(ConfigError, match="--tasks"):
+        PrepareJob(tasks=0, output="out")
+    with pytest.raises(ConfigError, match="control character"):
+        PrepareJob(tasks=2, output="out\n#SBATCH --x")

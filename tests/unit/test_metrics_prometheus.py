@@ -165,3 +165,13 @@ def test_restart_count_from_launcher_env(monkeypatch):
 def test_bad_prometheus_config_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load(TINY_CONFIG, [override])
+
+
+def test_data_read_bytes_is_served_as_a_job_wide_counter():
+    exporter = make_exporter()
+    try:
+        exporter.update({**RECORD, names.DATA_READ_BYTES: 123_456_789})
+        samples = scrape(exporter)
+    finally:
+        exporter.close()
+    assert samples[names.PROM_DATA_READ_BYTES][1] == 123_456_789

@@ -53,6 +53,11 @@ class LaneReader:
         """(global lane id, token offset in the lane) int64 [micro_batch_size, 2] of the last micro-batch."""
         return self._last
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this rank's stream has read from shard files (a counter for metrics)."""
+        return self.stream.bytes_read
+
     def source_fractions(self) -> list[float]:
         """One source: all of it."""
         return [1.0]
