@@ -12,6 +12,9 @@ bash scripts/setup.sh
 # rather than by two test workers at the same time (apt holds one lock).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     bash scripts/slurm_cluster.sh install
+    # iproute2 (ip netns) and util-linux (nsenter, unshare) for the network-namespace hosts of tests/multinode/.
+    command -v ip >/dev/null && command -v nsenter >/dev/null \
+        || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 util-linux >/dev/null
     bash scripts/prometheus_server.sh install
 fi
 workers=${PYTEST_WORKERS:-2}

@@ -175,3 +175,14 @@ def test_data_read_bytes_is_served_as_a_job_wide_counter():
     finally:
         exporter.close()
     assert samples[names.PROM_DATA_READ_BYTES][1] == 123_456_789
+
+
+def test_preflight_bus_bandwidth_is_served_in_bytes_per_second_once_measured():
+    exporter = make_exporter()
+    try:
+        assert names.PROM_ALLREDUCE_BUS_BANDWIDTH not in scrape(exporter)  # one rank: nothing measured
+        exporter.allreduce_bus_bandwidth = 12.5  # GB/s, as build() sets it from the preflight
+        labels, value = scrape(exporter)[names.PROM_ALLREDUCE_BUS_BANDWIDTH]
+    finally:
+        exporter.close()
+    assert value == 12.5e9 and labels == LABELS
