@@ -189,8 +189,8 @@ class HangMonitor:
     processes that has not written its own report within ``grace_s`` is frozen (SIGSTOP, a stuck driver call that
     holds the GIL past the backstop) or gone: the monitor writes its report from outside (process state, kernel
     wait channel), SIGKILLs it and records its rank in ``killed``, so the node exits 86 like its peers instead of
-    waiting on a process that will never move. Reports older than the monitor (an earlier attempt's) are
-    ignored."""
+    waiting on a process that will never move. Reports older than the monitor or its last round (an earlier
+    attempt's) are ignored."""
 
     def __init__(self, hang_dir: str, grace_s: float = 5.0, poll_s: float = 0.5):
         import threading
@@ -222,20 +222,19 @@ class HangMonitor:
         return found
 
     def _run(self) -> None:
+        import time
+
         while not self._stop.wait(self.poll_s):
-            if reports := self._fresh_reports():
-                break
-        else:
-            return
-        first = min(reports)
-        if self._stop.wait(self.grace_s):
-            return
-        reported = self._fresh_reports()
-        for proc in _training_processes():
-            rank = _rank_of(proc)
-            if rank is None or rank in reported:
+            if not (reports := self._fresh_reports()):
                 continue
-            self._report_and_kill(proc, rank, first)
+            if self._stop.wait(self.grace_s):
+                return
+            reported = self._fresh_reports()
+            for proc in _training_processes():
+                rank = _rank_of(proc)
+                if rank is not None and rank not in reported:
+                    self._report_and_kill(proc, rank, min(reports))
+            self.started = time.time()  # with --max-restarts the next attempt may hang anew: watch for that
 
     def _report_and_kill(self, proc, rank: int, first: int) -> None:
         import psutil
@@ -310,7 +309,7 @@ def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if monitor and monitor.killed:
+    if monitor and monitor.killed and code != 0:  # (a restarted group that then finished is a success)
         logger.error("launch: rank(s) %s never reported their own hang and were killed; exit code %d",
                      monitor.killed, HANG_EXIT_CODE)
         if hung_nodes_file := os.environ.get(HUNG_NODES_ENV):  # slurm/multi_node.sbatch excludes these on requeue
