@@ -15,6 +15,8 @@ CHECKPOINT_BLOCKING_S = "checkpoint_blocking_s"  # seconds this step's save held
 SKIPPED_SHARDS = "skipped_shards"  # corrupt/missing shards skipped under data.on_bad_shard=skip
 SKIPPED_STEPS = "skipped_steps"  # total steps without an update (non-finite loss/grad norm, or a skipped spike)
 LOSS_SPIKES = "loss_spikes"  # total steps whose loss was a spike (ft.spike_zscore), skipped or not
+GOODPUT_S = "goodput_s"  # rank 0: the run's seconds per kind over all attempts (pretrain.metrics.goodput.KINDS)
+GOODPUT_UNCOMMITTED_S = "goodput_uncommitted_s"  # rank 0: seconds of steps no committed checkpoint holds yet
 
 #: Keys every logged training step carries.
 REQUIRED = (STEP, LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S)
@@ -62,5 +64,8 @@ PROM_RESTARTS = "pretrain_restarts_total"  # SLURM_RESTART_COUNT or TORCHELASTIC
 # Ranks of the job whose exporter could not start (port in use, ...): they train without /metrics. The same
 # job-wide number on every rank that does serve, counted once at startup; read it with max(), not sum().
 PROM_EXPORTER_FAILURES = "pretrain_prometheus_exporter_failures_total"
+# Goodput (rank 0 only: a job-level account): seconds of the run's wall time by `kind` label, over all attempts.
+PROM_GOODPUT = "pretrain_goodput_seconds_total"
+PROM_GOODPUT_UNCOMMITTED = "pretrain_goodput_uncommitted_seconds"  # steps since the last committed checkpoint
 PROM_BUILD_INFO = "pretrain_build_info"  # 1, labelled with version, config hash and world layout
 PROM_LABELS = ("run", "rank", "node", "model")
