@@ -103,7 +103,8 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
         metrics=MetricsLogger(run_dir, cfg.metrics, is_writer=rank == 0, exporter=prometheus.from_config(
             cfg, int(os.environ.get("LOCAL_RANK", "0")), rank, layout, to_yaml(cfg),
             tokens_per_sample=cfg.model.seq_length,
-            device_name=device.name)),
+            device_name=device.name), total_steps=cfg.train.steps,
+            peak_flops=prometheus.peak_flops(cfg.metrics.peak_tflops, device.name)),
         device=device.device,
         accumulation=accumulation,
         flops_per_token=spec.flops_per_token(cfg.model, vocab_size),
