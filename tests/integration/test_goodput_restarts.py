@@ -1,17 +1,21 @@
-"""Goodput across restarts, end to end: a run SIGKILLed twice and resumed accounts the work each kill lost (the
-steps between the last checkpoint and the kill, as metrics.jsonl measured them) as redone, and its parts add up to
-the wall time the test measured from the first launch to the summary line the last attempt ends with."""
+"""Goodput across restarts and the run report, end to end: a run SIGKILLed twice and resumed accounts the work each
+kill lost (the steps between the last checkpoint and the kill, as metrics.jsonl measured them) as redone, and its
+parts add up to the wall time the test measured from the first launch to the summary line the last attempt ends
+with; `pretrain report` on that run renders in headless Chromium."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pretrain.metrics import goodput
-from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides
+from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, run_cli
 
 STEPS, EVERY = 24, 8
 # A small model whose steps sleep 0.1 s (fault injection): steps long enough to kill between, little CPU.
@@ -55,19 +59,27 @@ def _attempts_of_metrics(run_dir: Path) -> list[list[dict]]:
     return attempts
 
 
-def test_two_sigkills_redone_time_and_parts_sum_to_wall(shakespeare, tmp_path):
+@pytest.fixture(scope="module")
+def killed_twice(shakespeare, tmp_path_factory) -> tuple[Path, float, str]:
+    """A run SIGKILLed a few steps after its step-8 and its step-16 checkpoint, then resumed to the end: (run dir,
+    seconds from the first launch to the last attempt's summary line, the last attempt's output)."""
+    run_dir = tmp_path_factory.mktemp("killed_twice")
     launched = time.time()
-    _kill_after(_start(shakespeare, tmp_path), tmp_path, EVERY + 4)
-    _kill_after(_start(shakespeare, tmp_path), tmp_path, 2 * EVERY + 4)
-    proc = _start(shakespeare, tmp_path)
-    lines = []
+    _kill_after(_start(shakespeare, run_dir), run_dir, EVERY + 4)
+    _kill_after(_start(shakespeare, run_dir), run_dir, 2 * EVERY + 4)
+    proc = _start(shakespeare, run_dir)
+    lines, ended = [], None
     for line in proc.stdout:  # the run's end is its summary line; the interpreter's teardown after it is not
         lines.append(line)   # the run's (1-2 s here: library atexit work; a requeue's next attempt counts it)
         if line.startswith("goodput "):
             ended = time.time()
     output = "".join(lines)
-    assert proc.wait(timeout=600) == 0, output[-3000:]
+    assert proc.wait(timeout=600) == 0 and ended, output[-3000:]
+    return run_dir, ended - launched, output
 
+
+def test_two_sigkills_redone_time_and_parts_sum_to_wall(killed_twice):
+    tmp_path, wall, output = killed_twice
     ledger = goodput.read(tmp_path / goodput.FILE_NAME)
     assert [a["attempt"] for a in ledger] == [1, 2, 3]
     assert [a["resumed_from"] for a in ledger] == [0, EVERY, 2 * EVERY]
@@ -81,8 +93,36 @@ def test_two_sigkills_redone_time_and_parts_sum_to_wall(shakespeare, tmp_path):
     parts = goodput.totals(ledger)
     assert parts["redone"] == sum(a["uncommitted_s"] for a in ledger[:2]) and ledger[-1]["uncommitted_s"] == 0
     assert parts["between_attempts"] > 0 and parts["startup"] > 0 and parts["checkpoint"] > 0
-    wall = ended - launched
     print(f"parts {sum(parts.values()):.2f} s, wall {wall:.2f} s, redone {parts['redone']:.2f} s")
     assert abs(sum(parts.values()) - wall) <= 0.02 * wall, (parts, wall)
     summary = [line for line in output.splitlines() if line.startswith("goodput ")]
     assert summary and "over 3 attempts" in summary[-1] and "redone" in summary[-1], output[-2000:]
+
+
+def test_report_renders_in_headless_chromium(killed_twice, tmp_path):
+    """`pretrain report` on the twice-killed run: the page, with its PNG, renders in headless Chromium (the Debian
+    package scripts/test.sh installs) into a screenshot that is not blank and shows the plots' colours."""
+    import matplotlib.image
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed (scripts/test.sh installs the Debian package)")
+    run_dir, _, _ = killed_twice
+    result = run_cli("report", str(run_dir), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = run_dir / "report.html"
+    assert f"report: {page}" in result.stdout
+    text = page.read_text()
+    assert "over 3 attempts" in text and "report.png" in text and "train:" in text  # summary, plots, config
+    shot = tmp_path / "shot.png"
+    rendered = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                               "--window-size=1200,1400", f"--screenshot={shot}", page.as_uri()],
+                              capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), rendered.stderr[-3000:]
+    pixels = matplotlib.image.imread(shot)[..., :3]  # [h, w, 3] floats in 0..1
+    not_white = (pixels < 0.95).any(axis=-1).mean()
+    assert not_white > 0.05, not_white
+    # The PNG was loaded into the page: its goodput-green (#2ca02c) and restart-red (#d62728) are on screen.
+    for colour in ((0x2c, 0xa0, 0x2c), (0xd6, 0x27, 0x28)):
+        near = (abs(pixels - [c / 255 for c in colour]) < 0.08).all(axis=-1).sum()
+        assert near > 50, (colour, near)
