@@ -234,13 +234,19 @@ def wall_s(attempts: list[dict[str, Any]]) -> float:
     return attempts[-1]["time"] - attempts[0]["start"] if attempts else 0.0
 
 
+def goodput_fraction(attempts: list[dict[str, Any]]) -> float:
+    """Productive seconds over the wall time of ``attempts`` (0 before any)."""
+    wall = wall_s(attempts)
+    return totals(attempts)["productive"] / wall if wall > 0 else 0.0
+
+
 def summary(attempts: list[dict[str, Any]]) -> str:
     """``goodput 91.2% of 0:04:10 over 3 attempts: productive 3:48 · startup 0:12 · ...`` (uncommitted steps of
     the last attempt are shown apart: they become productive at the next checkpoint, or redone after a kill)."""
     parts = totals(attempts)
     wall = wall_s(attempts)
     pending = attempts[-1]["uncommitted_s"] if attempts else 0.0
-    fraction = parts["productive"] / wall if wall > 0 else 0.0
+    fraction = goodput_fraction(attempts)
     shown = " · ".join(f"{kind.replace('_', ' ')} {hms(parts[kind])}" for kind in KINDS if parts[kind] >= 0.05
                        or kind == "productive")
     tail = f" · uncommitted {hms(pending)}" if pending >= 0.05 else ""

@@ -107,7 +107,7 @@ def render_png(run_dir: Path, records, attempts, config: dict[str, Any]) -> Path
 def _goodput_over_steps(ax, records) -> None:
     # A step logged twice (before a kill, after the resume) keeps the later attempt's totals.
     latest = {r[names.STEP]: r[names.GOODPUT_S] for r in records if isinstance(r.get(names.GOODPUT_S), dict)}
-    ax.set_title("Goodput over the run (productive ÷ accounted)")
+    ax.set_title("Goodput over the run (committed productive ÷ all)")
     ax.set_xlabel("step")
     if latest:
         steps = sorted(latest)
@@ -153,7 +153,8 @@ def summary(records, attempts) -> dict[str, str]:
     out["skipped steps"] = str(last.get(names.SKIPPED_STEPS, 0))
     out["attempts"] = str(max(len(attempts), 1 + len(restarts(records, attempts))))
     if attempts:
-        out["goodput"] = goodput.summary(attempts).removeprefix("goodput ").split(":", 1)[0]
+        out["goodput"] = (f"{100 * goodput.goodput_fraction(attempts):.1f}% of "
+                          f"{goodput.hms(goodput.wall_s(attempts))}")
     return out
 
 
