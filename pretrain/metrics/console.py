@@ -10,6 +10,7 @@ terminal); evaluations and checkpoint commits are appended to the step's line.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -133,8 +134,11 @@ class Console:
         from tqdm import tqdm
 
         if self.bar is None:
+            # A terminal that reports no size (a bare pty, some batch consoles) gets 100 x 24: at 0 rows tqdm hides
+            # the bar.
+            size = shutil.get_terminal_size((100, 24))
             self.bar = tqdm(total=self.total_steps, initial=record[names.STEP], file=self.stream, unit="step",
-                            dynamic_ncols=True, leave=False, mininterval=0)  # redrawn on log steps only
+                            ncols=size.columns, nrows=size.lines, leave=False, mininterval=0)  # moved on log steps
         self.bar.write(text, file=self.stream)
         self.bar.update(record[names.STEP] - self.bar.n)
 
