@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 
 import pytest
 
@@ -62,6 +63,8 @@ def wandb_history(run_dir) -> dict[int, dict[str, float]]:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # the service is still writing this chunk
+            break
         payload, pos = payload + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a whole record
             record = wandb_internal_pb2.Record()
@@ -76,7 +79,11 @@ def wandb_history(run_dir) -> dict[int, dict[str, float]]:
 def test_wandb_offline_run_holds_our_scalars(tmp_path):
     pytest.importorskip("wandb")
     log_all(tmp_path, MetricsConfig(console=False, wandb=WandbConfig(enabled=True, mode="offline")))
-    rows = wandb_history(tmp_path)
+    # W&B's service process writes the file; finish() can return before its last records are on disk (the
+    # service's own exit, at the training process's exit, waits for them).
+    deadline = time.monotonic() + 60
+    while sorted(rows := wandb_history(tmp_path)) != [10, 20, 30] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert sorted(rows) == [10, 20, 30]
     for record in RECORDS:
         row = rows[record[names.STEP]]
