@@ -17,6 +17,8 @@ import pytest
 from pretrain.metrics import goodput
 from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, run_cli
 
+pytestmark = pytest.mark.slow  # ~40 s: three process starts under kills, then the report in Chromium
+
 STEPS, EVERY = 24, 8
 # A small model whose steps sleep 0.15 s (fault injection): steps long enough to kill between, little CPU.
 ARGS = [f"--train.steps={STEPS}", "--train.log_every=1", f"--checkpoint.every_steps={EVERY}",
