@@ -4,7 +4,8 @@ The ledger is a stopwatch with labels. Each attempt starts counting at its proce
 when the job says so) and the loop calls ``mark(kind)`` after each phase: the seconds since the previous mark go to
 that phase, so an attempt's parts add up to its wall time by construction. Kinds (``KINDS``):
 
-- ``startup``: process start to the end of the first step's data wait (imports, process groups, resume);
+- ``startup``: process start (or the Slurm job's, ``attempt_start_time``) to the end of the first step's data wait
+  (launcher, imports, process groups, resume);
 - ``productive``: training steps whose result survived in a committed checkpoint;
 - ``data_wait``: the part of those steps spent waiting for batches;
 - ``skipped``: steps whose update was skipped (non-finite loss or gradient norm, a skipped loss spike);
@@ -42,14 +43,44 @@ KINDS = ("productive", "startup", "checkpoint", "eval", "data_wait", "redone", "
 _MEASURED = ("productive", "startup", "checkpoint", "eval", "data_wait", "skipped")
 
 
-def attempt_start_time() -> float:
-    """Unix time this attempt began: the process's creation time, or the Slurm job's start
-    (``SLURM_JOB_START_TIME``, set by Slurm >= 23.02) when it is earlier (srun and the launcher count as startup)."""
+def attempt_start_time(query_slurm: bool = True) -> float:
+    """Unix time this attempt began: the process's creation time, or the Slurm job's start when this process is part
+    of the job's first step and that start is earlier (by under an hour): srun, the launcher and the interpreter
+    then count as startup, not as time between attempts."""
     start = process_start_time()
-    slurm = os.environ.get("SLURM_JOB_START_TIME", "")
-    if slurm.isdigit() and start - 3600 < int(slurm) < start:
-        start = float(slurm)
+    job = slurm_job_start() if query_slurm else None
+    if job is not None and start - 3600 < job <= start:
+        start = job
     return start
+
+
+def slurm_job_start() -> float | None:
+    """Unix start time of this Slurm job's current run (a requeue starts it again): ``SLURM_JOB_START_TIME`` (Slurm
+    >= 23.02), else ``scontrol show job``'s StartTime (whole seconds). None outside Slurm, in a later job step (the
+    allocation's earlier steps are not this attempt's startup), or when scontrol does not answer in 5 s."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job or os.environ.get("SLURM_STEP_ID", "0") != "0":
+        return None
+    if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():
+        return float(os.environ["SLURM_JOB_START_TIME"])
+    import subprocess
+
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return scontrol_start_time(shown.stdout)
+
+
+def scontrol_start_time(text: str) -> float | None:
+    """The ``StartTime=`` of ``scontrol show job -o`` output (the controller's local time) as unix time."""
+    for field in text.split():
+        if field.startswith("StartTime="):
+            try:
+                return time.mktime(time.strptime(field.removeprefix("StartTime="), "%Y-%m-%dT%H:%M:%S"))
+            except ValueError:  # "Unknown" (not started) or another format
+                return None
+    return None
 
 
 def process_start_time() -> float:
@@ -72,7 +103,7 @@ class GoodputLedger:
 
     def __init__(self, path: Path | None, start: float | None = None, clock=time.time):
         self.path, self.clock = path, clock
-        self.start = attempt_start_time() if start is None else start
+        self.start = attempt_start_time(query_slurm=path is not None) if start is None else start
         self.last_mark = self.start
         self.seconds = dict.fromkeys(_MEASURED, 0.0)
         self.pending: list[tuple[int, float, float]] = []  # uncommitted steps: (step, compute s, data wait s)

@@ -3,6 +3,7 @@ and its Prometheus counters through a real exporter's /metrics."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -119,3 +120,17 @@ def test_exporter_serves_goodput_counters_by_kind():
     assert len(lines) == len(goodput.KINDS)
     assert any(line.startswith(names.PROM_GOODPUT_UNCOMMITTED + "{") and line.endswith(" 1.5")
                for line in text.splitlines())
+
+
+def test_slurm_job_start(monkeypatch):
+    line = "JobId=72 JobName=train Restarts=1 SubmitTime=2026-12-07T02:31:20 StartTime=2026-12-07T02:31:26"
+    assert goodput.scontrol_start_time(line) == time.mktime((2026, 12, 7, 2, 31, 26, 0, 0, -1))
+    assert goodput.scontrol_start_time("JobId=9 StartTime=Unknown") is None
+    monkeypatch.setenv("SLURM_JOB_ID", "72")
+    monkeypatch.setenv("SLURM_JOB_START_TIME", "1700000000")
+    monkeypatch.setenv("SLURM_STEP_ID", "1")  # a later step of the allocation: its start is not ours
+    assert goodput.slurm_job_start() is None
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert goodput.slurm_job_start() == 1700000000.0
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert goodput.slurm_job_start() is None
