@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ class GoodputLedger:
         self.start = attempt_start_time(query_slurm=path is not None) if start is None else start
         self.last_mark = self.start
         self.seconds = dict.fromkeys(_MEASURED, 0.0)
-        self.pending: list[tuple[int, float, float]] = []  # uncommitted steps: (step, compute s, data wait s)
+        self.pending: deque[tuple[int, float, float]] = deque()  # uncommitted steps: (step, compute s, data wait s)
+        self._pending_s = 0.0  # their sum, kept as they come and go
         self.step = 0
         self.resumed_from = 0
         self.steps_done = 0  # steps this attempt
@@ -149,13 +151,15 @@ class GoodputLedger:
         self.step = step
         if applied:
             self.pending.append((step, elapsed - wait, wait))
+            self._pending_s += elapsed
         else:
             self.seconds["skipped"] += elapsed
 
     def committed(self, step: int) -> None:
         """A checkpoint of ``step`` committed: the steps up to it are productive for good."""
         while self.pending and self.pending[0][0] <= step:
-            _, compute, wait = self.pending.pop(0)
+            _, compute, wait = self.pending.popleft()
+            self._pending_s -= compute + wait
             self.seconds["productive"] += compute
             self.seconds["data_wait"] += wait
 
@@ -187,7 +191,7 @@ class GoodputLedger:
 
     def uncommitted_s(self) -> float:
         """Seconds of steps no committed checkpoint holds yet (lost if the process dies now)."""
-        return sum(compute + wait for _, compute, wait in self.pending)
+        return max(self._pending_s, 0.0) if self.pending else 0.0
 
     # -- recording ----------------------------------------------------------------------------------------------
 
