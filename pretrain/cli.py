@@ -46,6 +46,14 @@ def _demo(args, overrides: list[str]) -> int:
     return run_demo(args.dir, steps=args.steps, overrides=overrides)
 
 
+def _report(args, overrides: list[str]) -> int:
+    from pretrain.metrics.report import report
+
+    page = report(args.run_dir)
+    print(f"report: {page} (plots: {page.with_name('report.png')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="runs/demo", help="where the demo writes everything")
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(func=_demo, accepts_overrides=True, builds_models=True)
+
+    p = sub.add_parser("report", help="plots (PNG) and an HTML page of a run: loss, lr, throughput, goodput, ...")
+    p.add_argument("run_dir", help="the run directory (run.dir), e.g. runs/demo/run")
+    p.set_defaults(func=_report)
 
     from data_pipeline import cli as data_cli
     from pretrain.finetune import cli as finetune_cli

@@ -2,7 +2,8 @@
 
 1. extract the bundled corpus (train / held-out plays), 2. train a sentencepiece BPE tokenizer, 3. write WebDataset
 shards, 4. train the tiny GPT of configs/debug/gpt_tiny.yaml (checkpoints in the run directory), 5. report
-validation perplexity of the saved checkpoint and print a generated continuation.
+validation perplexity of the saved checkpoint and print a generated continuation; then the run's goodput summary
+and its report page (``pretrain report``).
 Re-running reuses finished steps (tokenizer, shards) and resumes training from the newest checkpoint.
 """
 
@@ -72,4 +73,10 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 300, overrides: list[str] 
     print(PROMPT, end="")
     generate_from_checkpoint(run_dir, PROMPT, max_new_tokens=80, temperature=0.8, top_k=40, seed=0)
     print(f"--- done in {time.perf_counter() - start:.0f} s; everything is under {out}")
+    from pretrain.metrics import goodput
+    from pretrain.metrics.report import report
+
+    page = report(run_dir)
+    print(goodput.summary(goodput.read(run_dir / goodput.FILE_NAME)))
+    print(f"report: {page} (open it in a browser; plots in {page.with_name('report.png')})")
     return 0

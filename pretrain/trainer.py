@@ -27,6 +27,7 @@ from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config import Config
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, names
+from pretrain.metrics.goodput import GoodputLedger
 from pretrain.models.spec import BatchFn, ModelSpec
 from pretrain.optim import lr_at
 from pretrain.parallel.engine import TrainEngine, verify_replicas
@@ -68,6 +69,7 @@ class Trainer:
                                     rank=self.rank, hang_dir=Path(cfg.run.dir) / ft.HANG_DIR)
         self.watchdog.beat(1, "startup (resume, first step)")
         self.skipped_in_a_row = 0
+        self.goodput = GoodputLedger.for_run(cfg.run.dir, is_writer=self.rank == 0)
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -77,26 +79,31 @@ class Trainer:
             return self._fit()
         finally:
             self.watchdog.close()
+            self.goodput.finish(self.checkpoints.last_commit)
 
     def _fit(self) -> int:
         cfg = self.cfg
         if cfg.ft.save_on_signal:
             self.stop.install()
         self.resume()
+        self.goodput.resumed(self.state.step)
         batches = iter(self.train_data)
         while self.state.step < cfg.train.steps:
             record = self.train_step(batches)
             if self._is_eval_step():
                 record.update(self.evaluate())
+                self.goodput.mark("eval")
             self.checkpoints.poll()  # commits an async save once every rank has written it
             last = self.state.step == cfg.train.steps
             stop = cfg.ft.save_on_signal and not last and self.stop.agreed(self.device)
             if self._due(cfg.checkpoint.every_steps) or last or stop:
                 self.save()
+                self.goodput.mark("checkpoint")
                 if record:
                     record[names.CHECKPOINT_BLOCKING_S] = self.checkpoints.stats["blocking_s"]
             if record and self.checkpoints.last_commit:  # set by the save (sync) or a later poll (async)
                 record.update(self.checkpoints.last_commit)
+            self.goodput.update(record, self.checkpoints.last_commit)  # settles commits; totals on log steps
             if record:
                 self.metrics.log(record)
             if stop:
@@ -156,6 +163,7 @@ class Trainer:
         self.state.recent_losses = ft.push_loss(self.state.recent_losses, loss_value, self.cfg.ft.spike_window)
         self._count_skip(step, applied, loss_value, grad_norm)
         self.watchdog.step_completed(step)
+        self.goodput.step_done(step, time.perf_counter() - start, data_ready - start, applied)
 
         if not (self._is_log_step() or spike or not applied):
             return {}

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Debian packages the Slurm and Prometheus tests use (root + apt only; no-ops when present): installed here, once,
+# Debian packages the Slurm, Prometheus and report tests use (root + apt only; no-ops when present): installed here, once,
 # rather than by two test workers at the same time (apt holds one lock).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     bash scripts/slurm_cluster.sh install
@@ -16,6 +16,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v ip >/dev/null && command -v nsenter >/dev/null \
         || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 util-linux >/dev/null
     bash scripts/prometheus_server.sh install
+    # Headless Chromium renders `pretrain report`'s page in tests/integration/test_goodput_restarts.py.
+    if ! command -v chromium >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                 --no-install-recommends chromium >/dev/null; }
+    fi
 fi
 workers=${PYTEST_WORKERS:-2}
 parallel=()

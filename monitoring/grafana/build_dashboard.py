@@ -115,6 +115,20 @@ def dashboard() -> dict:
              (f"max by (run) (pretrain_loss_spikes_total{RUN})", "loss spikes"),
              (f"max by (run) (pretrain_skipped_shards_total{RUN})", "skipped shards")], "none", 18, 6)
 
+    d.row("Goodput", 8)
+    d.panel("Goodput", "Share of the run's wall time (all attempts) spent on steps that a committed checkpoint "
+            "holds (pretrain.metrics.goodput); exported by rank 0.",
+            [(f'sum by (run) (pretrain_goodput_seconds_total{{kind="productive",run=~"$run"}}) / '
+              f"sum by (run) (pretrain_goodput_seconds_total{RUN})", "{{run}}")], "percentunit", 0, 6, "stat",
+            {"min": 0, "max": 1, "thresholds": {"mode": "absolute", "steps": [
+                {"value": 0, "color": "red"}, {"value": 0.8, "color": "orange"}, {"value": 0.9, "color": "green"}]}})
+    d.panel("Where the time went", "Seconds of wall time per 5 minutes by kind: productive steps, startup, "
+            "checkpoint blocking, evaluation, data wait, steps redone after a kill, skipped steps, time between "
+            "attempts; the uncommitted steps since the last checkpoint on top.",
+            [(f"sum by (kind) (increase(pretrain_goodput_seconds_total{RUN}[5m]))", "{{kind}}"),
+             (f"max by (run) (pretrain_goodput_uncommitted_seconds{RUN})", "uncommitted {{run}}")], "s", 6, 18,
+            defaults={"custom": {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 60, "lineWidth": 1}})
+
     return {
         "uid": "pretrain-training", "title": "pretrain: training run",
         "description": "Loss, throughput, MFU, per-rank step time, data wait, memory, checkpoints and skipped steps "

@@ -211,6 +211,20 @@ class PrometheusConfig:
 
 
 @dataclass
+class WandbConfig:
+    #: Log every logged step's scalars to Weights & Biases from rank 0 (needs the `wandb` extra); never fatal.
+    enabled: bool = False
+    #: W&B project.
+    project: str = "pretrain"
+    #: W&B entity (team or user); empty: the account's default.
+    entity: str = ""
+    #: W&B run name; empty: the run directory's name.
+    name: str = ""
+    #: online (upload while training), offline (write under <run.dir>/wandb; `wandb sync` later), or disabled.
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
 class MetricsConfig:
     #: Write metrics.jsonl in the run directory.
     jsonl: bool = True
@@ -220,6 +234,10 @@ class MetricsConfig:
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     #: Peak dense TFLOP/s of one device for the MFU metric; 0: look the GPU up in a table (no MFU on CPU).
     peak_tflops: float = 0.0
+    #: Write TensorBoard event files under <run.dir>/tensorboard from rank 0 (needs the `tensorboard` extra).
+    tensorboard: bool = False
+    #: Weights & Biases (``metrics.wandb.enabled``, ``.project``, ``.entity``, ``.name``, ``.mode``).
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -32,6 +32,9 @@ class TestFaults:
     hang_step: int = 0
     #: See hang_rank.
     hang_s: float = 0.0
+    #: Sleep this long in every step's forward/backward on every rank: tiny test models get steps long enough to
+    #: be killed between, at almost no CPU cost (the goodput test).
+    step_sleep_s: float = 0.0
 
     @classmethod
     def from_env(cls) -> "TestFaults":
@@ -57,6 +60,8 @@ def injected_faults(faults: TestFaults, engine, step: int, rank: int):
     ``spike_loss_step`` by 1000 (finite gradients)."""
     if faults.hang_rank == rank and faults.hang_step == step:
         time.sleep(faults.hang_s)
+    if faults.step_sleep_s:
+        time.sleep(faults.step_sleep_s)
     factor = float("nan") if faults.nan_loss_step == step else 1000.0 if faults.spike_loss_step == step else None
     if factor is None:
         yield

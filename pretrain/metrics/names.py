@@ -16,6 +16,8 @@ SKIPPED_SHARDS = "skipped_shards"  # corrupt/missing shards skipped under data.o
 SKIPPED_STEPS = "skipped_steps"  # total steps without an update (non-finite loss/grad norm, or a skipped spike)
 LOSS_SPIKES = "loss_spikes"  # total steps whose loss was a spike (ft.spike_zscore), skipped or not
 DATA_READ_BYTES = "data_read_bytes"  # bytes all ranks' training data readers read from shard files so far
+GOODPUT_S = "goodput_s"  # rank 0: the run's seconds per kind over all attempts (pretrain.metrics.goodput.KINDS)
+GOODPUT_UNCOMMITTED_S = "goodput_uncommitted_s"  # rank 0: seconds of steps no committed checkpoint holds yet
 
 #: Keys every logged training step carries.
 REQUIRED = (STEP, LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S)
@@ -67,5 +69,8 @@ PROM_RESTARTS = "pretrain_restarts_total"  # SLURM_RESTART_COUNT or TORCHELASTIC
 PROM_EXPORTER_FAILURES = "pretrain_prometheus_exporter_failures_total"
 # Preflight's timed all-reduce (ft.preflight_allreduce_mib per rank): bus bandwidth in bytes/s, NCCL-tests' busbw.
 PROM_ALLREDUCE_BUS_BANDWIDTH = "pretrain_preflight_allreduce_bus_bandwidth_bytes"
+# Goodput (rank 0 only: a job-level account): seconds of the run's wall time by `kind` label, over all attempts.
+PROM_GOODPUT = "pretrain_goodput_seconds_total"
+PROM_GOODPUT_UNCOMMITTED = "pretrain_goodput_uncommitted_seconds"  # steps since the last committed checkpoint
 PROM_BUILD_INFO = "pretrain_build_info"  # 1, labelled with version, config hash and world layout
 PROM_LABELS = ("run", "rank", "node", "model")

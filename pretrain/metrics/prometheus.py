@@ -112,6 +112,16 @@ class _RecordCollector(Collector):
                 family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=keys)
                 family.add_metric(labels, float(record[key]))
                 yield family
+        if names.GOODPUT_S in record:  # rank 0 only: the run's account over all attempts
+            goodput = CounterMetricFamily(names.PROM_GOODPUT.removesuffix("_total"),
+                                          "Seconds of the run's wall time (all attempts) by kind "
+                                          "(pretrain.metrics.goodput.KINDS).", labels=[*keys, "kind"])
+            for kind, seconds in record[names.GOODPUT_S].items():
+                goodput.add_metric([*labels, kind], float(seconds))
+            yield goodput
+            yield from gauge(names.PROM_GOODPUT_UNCOMMITTED, "Seconds of steps since the last committed checkpoint "
+                             "(productive once one commits, redone after a crash).",
+                             record.get(names.GOODPUT_UNCOMMITTED_S))
         if names.TOKENS_PER_S in record:
             samples = record[names.TOKENS_PER_S] / ex.tokens_per_sample
             yield from gauge(names.PROM_SAMPLES_PER_S, "Training samples (sequences) per second, all ranks.",

@@ -27,3 +27,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert ppl < 2048  # better than uniform over the vocabulary
     continuation = out.split("--- continuation ---", 1)[1].split("--- done", 1)[0]
     assert len(continuation.strip()) > len("ROMEO.\nBut soft, what light") + 20
+    # The new console, and the end: the goodput summary, then the report's path.
+    assert "step 10/20 (50%) · loss " in out and " tok/s · " in out
+    last = out.strip().splitlines()[-2:]
+    assert last[0].startswith("goodput ") and "over 1 attempt" in last[0], last
+    assert last[1].startswith(f"report: {tmp_path / 'run' / 'report.html'}"), last
+    assert (tmp_path / "run" / "report.png").is_file()

@@ -57,7 +57,7 @@ def test_dashboard_has_run_variable_and_the_issue_panels():
     assert all('run=~"$run"' in e for e in exprs), [e for e in exprs if 'run=~"$run"' not in e]
     titles = {p["title"] for p in dashboard["panels"]}
     for wanted in ("Loss", "Learning rate", "Tokens/s", "MFU", "Step time per rank", "Data wait share", "Memory",
-                   "Checkpoint age", "Skipped steps"):
+                   "Checkpoint age", "Skipped steps", "Goodput", "Where the time went"):
         assert wanted in titles
 
 
@@ -91,7 +91,7 @@ def promtool() -> str:
 def test_promtool_check_and_test_rules(promtool, tmp_path):
     checked = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 12 rules found" in checked.stdout
+    assert "SUCCESS: 14 rules found" in checked.stdout
     example = subprocess.run([promtool, "check", "config", "prometheus.example.yml"], capture_output=True, text=True,
                              timeout=60, cwd=RULES.parent)
     assert example.returncode == 0, example.stdout + example.stderr
@@ -104,3 +104,9 @@ def test_promtool_check_and_test_rules(promtool, tmp_path):
     failing = subprocess.run([promtool, "test", "rules", RULES_TEST.name], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
     assert failing.returncode == 1 and "PretrainTrainingStalled" in failing.stdout + failing.stderr
+    # And the goodput alert: with its threshold lowered below the flaky run's 50 %, the expected alert is missing.
+    (tmp_path / RULES.name).write_text(RULES.read_text().replace("pretrain_goodput_ratio:1h < 0.8",
+                                                                 "pretrain_goodput_ratio:1h < 0.4"))
+    failing = subprocess.run([promtool, "test", "rules", RULES_TEST.name], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+    assert failing.returncode == 1 and "PretrainGoodputLow" in failing.stdout + failing.stderr
