@@ -131,7 +131,7 @@ def test_lost_host_elastic_restart_resumes_to_the_same_loss(hosts, one_host_refe
     restart_s = time.monotonic() - killed_at
     assert wait_all(procs, logs) == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     host0 = logs[0].read_text()
-    assert "resumed from" in host0 and "Restarting" in host0 or "restart" in host0.lower(), host0[-3000:]
+    assert host0.count("resumed from") == 1, host0[-3000:]  # the restarted group resumed; nothing else did
     final = losses(run_dir)[STEPS]
     assert final == pytest.approx(one_host_reference[STEPS], rel=1e-5)
     print(f"lost host: kill -> first step after resume {restart_s:.1f} s")
@@ -172,3 +172,4 @@ def test_a_frozen_rank_ends_every_rank_with_the_hang_code_and_reports(hosts, sha
     rank1 = (run_dir / "hang" / "rank_1.txt").read_text()
     assert f"host {hosts.name(1)}" in rank1 and "no hang report of its own" in rank1 and "stopped" in rank1, rank1
     assert "rank 0 (host" in output and "in collective" in output  # the log names where each reporting rank waited
+    print(f"frozen rank: SIGSTOP -> every node exited {HANG_EXIT_CODE} in {elapsed:.1f} s")
