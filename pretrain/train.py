@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 def main(cfg: Config) -> int:
     """Run training to ``cfg.train.steps``; returns the process exit code (pretrain/fault_tolerance/signals.py)."""
+    dims, device = start(cfg)
+    try:
+        return build(cfg, dims, device).fit()
+    finally:
+        env.shutdown()
+
+
+def start(cfg: Config) -> tuple[ParallelDims, device_layer.DeviceInfo]:
+    """Check ``cfg`` for this launch and join the default process group (not yet megatron-core's groups: those are
+    :func:`build`'s); the caller calls ``env.shutdown()`` when done."""
     slurm_env.apply()  # a bare `srun pretrain train` task: SLURM_* → RANK/WORLD_SIZE/... (no-op otherwise)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,10 +48,7 @@ def main(cfg: Config) -> int:
     device = device_layer.detect(local_rank, cfg.train.precision)
     device_layer.apply_cpu_shims()
     env.init_distributed(device.backend, _startup_timeout_s(cfg))
-    try:
-        return build(cfg, dims, device).fit()
-    finally:
-        env.shutdown()
+    return dims, device
 
 
 def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo, init=None):

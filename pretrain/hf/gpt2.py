@@ -31,9 +31,10 @@ def check(cfg: Config) -> None:
     if model.activation not in GPT2_ACTIVATIONS:
         raise ConfigError(f"model.activation={model.activation}: GPT-2's MLP is not gated (supports "
                           f"{', '.join(GPT2_ACTIVATIONS)}); this checkpoint cannot be exported as GPT2LMHeadModel")
-    for key, value, wanted, why in [("normalization", model.normalization, "layernorm", "GPT-2 has LayerNorms"),
-                                    ("num_query_groups", model.num_query_groups, 0, "GPT-2 has a key/value per head"),
-                                    ("add_bias_linear", model.add_bias_linear, True, "GPT-2's linear layers have biases")]:
+    for key, value, wanted, why in [
+            ("normalization", model.normalization, "layernorm", "GPT-2 has LayerNorms"),
+            ("num_query_groups", model.num_query_groups, 0, "GPT-2 has a key/value per head"),
+            ("add_bias_linear", model.add_bias_linear, True, "GPT-2's linear layers have biases")]:
         if value != wanted:
             raise ConfigError(f"model.{key}={value}: {why}; this checkpoint cannot be exported as GPT2LMHeadModel "
                               "(rotary positions would export it as LlamaForCausalLM)")

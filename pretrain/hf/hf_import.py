@@ -15,8 +15,6 @@ safetensors files, one at a time, and cuts its tensor-parallel shard (models/ini
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +25,6 @@ from pretrain.errors import CheckpointError, ConfigError
 from pretrain.hf import bert, llama
 from pretrain.hf.common import merge_qkv
 from pretrain.hf.gpt2 import GPT2_ACTIVATIONS
-
-logger = logging.getLogger(__name__)
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -241,25 +237,13 @@ def import_hf(model_dir: str | Path, cfg: Config) -> int:
     checkpoint directory; returns 0. One process, or every rank of a torchrun / srun launch."""
     import torch.distributed as dist
 
-    from pretrain import device as device_layer
-    from pretrain import models
-    from pretrain.config.validation import validate_local
-    from pretrain.parallel import env, slurm_env
-    from pretrain.parallel.dims import ParallelDims
-    from pretrain.train import build
+    from pretrain.parallel import env
+    from pretrain.train import build, start
 
     model_dir = Path(model_dir)
     hf_config = read_hf_config(model_dir)
     check_config(cfg, hf_config, model_dir)  # before any process group or weight
-    slurm_env.apply()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dims = ParallelDims.from_config(cfg, world_size)
-    models.get(cfg.model.family).check_config(cfg)
-    validate_local(cfg, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1))
-    device = device_layer.detect(local_rank, cfg.train.precision)
-    device_layer.apply_cpu_shims()
-    env.init_distributed(device.backend)
+    dims, device = start(cfg)
     try:
         trainer = build(cfg, dims, device, init=hf_initializer(model_dir, hf_config))
         try:

@@ -254,8 +254,9 @@ def loss_fn(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), attention scores included (not causal-halved).
 
-    Forward per layer: QKV + output projections 8h^2 (q and output 4h^2 + k and v 4h^2 * groups / heads), MLP 4h*f (6h*f gated), scores and weighted sum 4sh;
-    plus the logits 2hV. With f = 4h this is Megatron-LM's 72*l*h^2*(1 + s/(6h) + V/(12*l*h)).
+    Forward per layer: QKV + output projections 8h^2 (q and output 4h^2 + k and v 4h^2 * groups / heads), MLP
+    4h*f (6h*f gated), scores and weighted sum 4sh; plus the logits 2hV. With f = 4h this is Megatron-LM's
+    72*l*h^2*(1 + s/(6h) + V/(12*l*h)).
     """
     h, s, l = cfg.hidden_size, cfg.seq_length, cfg.num_layers
     f = cfg.ffn_hidden_size or 4 * h

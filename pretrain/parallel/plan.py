@@ -5,14 +5,14 @@ parameters each rank holds, estimates memory per GPU and refuses a layout that d
 
 Parameters (megatron-core GPTModel; written here for LayerNorm, linear biases and no GQA: RMSNorm drops the norm
 biases, model.add_bias_linear=false the linear ones, and GQA shrinks k and v to groups/heads of q), h hidden, f MLP
-width, V padded vocab, s sequence, t tensor parallel. Per layer: two LayerNorms 4h; QKV 3h^2 + 3h and MLP fc1
-g*(h*f + f) (g = 2 for swiglu, which is gated) are column parallel, divided by t; the attention projection h^2 and fc2 f*h are row
-parallel, weight divided by t, bias h replicated. First stage: word embeddings V*h/t (+ s*h learned positions,
-replicated). Last stage: final LayerNorm 2h and the output layer V*h/t, which is the embedding itself when tied and
-PP = 1, and a separate copy (kept in sync by megatron-core) when tied and PP > 1. Layers split evenly over stages.
-BERT (post-LN BertModel) adds 2h token types and moves the final LayerNorm's 2h onto the embeddings (first stage),
-and adds on the last stage its MLM head h^2 + 3h, the output bias V/t and with NSP the pooler h^2 + h and binary
-head 2h + 2.
+width, V padded vocab, s sequence, t tensor parallel. Per layer: two LayerNorms 4h; QKV 3h^2 + 3h and MLP fc1 g*(h*f
++ f) (g = 2 for swiglu, which is gated) are column parallel, divided by t; the attention projection h^2 and fc2 f*h
+are row parallel, weight divided by t, bias h replicated. First stage: word embeddings V*h/t (+ s*h learned
+positions, replicated). Last stage: final LayerNorm 2h and the output layer V*h/t, which is the embedding itself
+when tied and PP = 1, and a separate copy (kept in sync by megatron-core) when tied and PP > 1. Layers split evenly
+over stages. BERT (post-LN BertModel) adds 2h token types and moves the final LayerNorm's 2h onto the embeddings
+(first stage), and adds on the last stage its MLM head h^2 + 3h, the output bias V/t and with NSP the pooler h^2 + h
+and binary head 2h + 2.
 
 Memory per GPU, for the stage whose total is largest (bytes per parameter on that rank, P = its parameters):
 - bf16 (precision auto = bf16, as on GPU): params 2P, grads 4P (accumulated and reduced in fp32,
