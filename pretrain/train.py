@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 def main(cfg: Config) -> int:
     """Run training to ``cfg.train.steps``; returns the process exit code (pretrain/fault_tolerance/signals.py)."""
+    dims, device = start(cfg)
+    try:
+        return build(cfg, dims, device).fit()
+    finally:
+        env.shutdown()
+
+
+def start(cfg: Config) -> tuple[ParallelDims, device_layer.DeviceInfo]:
+    """Check ``cfg`` for this launch and join the default process group (not yet megatron-core's groups: those are
+    :func:`build`'s); the caller calls ``env.shutdown()`` when done."""
     slurm_env.apply()  # a bare `srun pretrain train` task: SLURM_* → RANK/WORLD_SIZE/... (no-op otherwise)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,14 +48,14 @@ def main(cfg: Config) -> int:
     device = device_layer.detect(local_rank, cfg.train.precision)
     device_layer.apply_cpu_shims()
     env.init_distributed(device.backend, _startup_timeout_s(cfg))
-    try:
-        return build(cfg, dims, device).fit()
-    finally:
-        env.shutdown()
+    return dims, device
 
 
-def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
-    """Build every component for this rank: process groups, data, model, engine → a ready Trainer."""
+def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo, init=None):
+    """Build every component for this rank: process groups, data, model, engine → a ready Trainer.
+
+    ``init(chunks, tokenizer vocab size)`` sets the weights instead of the seeded random init (`pretrain import
+    hf`), before the engine copies them into its optimizer state."""
     # Imported here, after the device layer ran: DeepSpeed picks its accelerator when first imported.
     from megatron.core import parallel_state
 
@@ -84,7 +94,10 @@ def build(cfg: Config, dims: ParallelDims, device: device_layer.DeviceInfo):
                                           cfg.model.make_vocab_size_divisible_by, dims.tensor)
     chunks = [c.to(device.device) for c in spec.build_chunks(cfg.model, cfg.parallel, device.dtype, vocab_size,
                                                              document_masks=cfg.data.reset_at_eos)]
-    init_weights(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)  # same for every layout
+    if init is None:
+        init_weights(chunks, cfg.run.seed, cfg.model.init_method_std, cfg.model.num_layers)  # same for every layout
+    else:
+        init(chunks, cfg.model.vocab_size or train_data.manifest["vocab_size"])
     engine = TrainEngine(build_engine(chunks, cfg, dims, device.dtype), chunks, spec.loss_fn,
                          cfg.model.seq_length, cfg.train.micro_batch_size)
     if (timeout_s := _startup_timeout_s(cfg)) is not None:  # also the groups DeepSpeed made with torch's default

@@ -58,7 +58,8 @@ def consolidated_state_dict(path: str | Path, layout: dict, target: dict[str, to
 def _module_state(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing model file of this checkpoint's layout")
-    state = load_checkpoint_file(file, map_location="cpu").get("module")
+    # Memory-mapped: the file also holds the optimizer state (ZeRO-0), twice the weights, never read here.
+    state = load_checkpoint_file(file, map_location="cpu", mmap=True).get("module")
     if not state:  # ZeRO-3 leaves only partitioned placeholders here
         raise CheckpointError(f"{file}: holds no model weights (a ZeRO-3 checkpoint of another layout?)")
     return state

@@ -76,7 +76,8 @@ def read_marker(path: str | Path) -> dict[str, Any]:
 
 #: Model fields that decide parameter shapes: a checkpoint loads only into a config that agrees on all of them.
 SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "activation",
-                "position_embedding", "tie_embeddings", "nsp", "untie_r")
+                "position_embedding", "tie_embeddings", "nsp", "untie_r", "normalization", "num_query_groups",
+                "add_bias_linear")
 
 
 def check_model_fits(path: Path, model: ModelConfig, saved_layout: dict, layout: dict) -> None:

@@ -52,6 +52,17 @@ class ModelConfig:
     init_method_std: float = 0.02
     #: LayerNorm epsilon.
     layernorm_epsilon: float = 1e-5
+    #: Normalization of every layer and the final one: layernorm (GPT-2, BERT) or rmsnorm (Llama: no mean, no
+    #: bias; the epsilon is model.layernorm_epsilon). GPT only.
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    #: Key/value head groups (grouped-query attention; 1 = multi-query); 0 means one per attention head. Must
+    #: divide num_attention_heads and be divisible by parallel.tensor. GPT only.
+    num_query_groups: int = 0
+    #: Biases in the attention and MLP linear layers (GPT-2 and BERT have them; Llama has none). GPT only.
+    add_bias_linear: bool = True
+    #: Base of the rotary position frequencies (10000 in Llama 2, 500000 in Llama 3); needs
+    #: position_embedding=rope.
+    rope_theta: float = 10000.0
     #: Tie input embedding and output projection (GPT-2 does).
     tie_embeddings: bool = True
     #: GPT layer implementation: auto (Transformer Engine's fused layers on CUDA when TE imports and the run needs

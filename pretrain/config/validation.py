@@ -35,6 +35,16 @@ def validate(cfg: Config) -> None:
         _require(value >= 0, key, f"must be >= 0, got {value}")
     _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
              f"{m.num_attention_heads} does not divide model.hidden_size {m.hidden_size}")
+    _require(m.num_query_groups >= 0 and (m.num_query_groups == 0 or m.num_attention_heads % m.num_query_groups == 0),
+             "model.num_query_groups", f"{m.num_query_groups} must be 0 (one per head) or divide "
+             f"model.num_attention_heads {m.num_attention_heads}")
+    _require(0 < m.rope_theta < math.inf, "model.rope_theta", f"must be a finite number > 0, got {m.rope_theta}")
+    if m.family != "gpt":
+        for key, value, default in [("normalization", m.normalization, "layernorm"),
+                                    ("num_query_groups", m.num_query_groups, 0),
+                                    ("add_bias_linear", m.add_bias_linear, True)]:
+            _require(value == default, f"model.{key}", f"{value!r} is a GPT option; model.family={m.family} "
+                     f"supports {default!r} only")
     for key, value in [("model.mem_length", m.mem_length), ("model.clamp_len", m.clamp_len)]:
         _require(value >= 0, key, f"must be >= 0, got {value}")
     for key, value in [("model.eval_mem_length", m.eval_mem_length), ("model.eval_clamp_len", m.eval_clamp_len)]:

@@ -2,8 +2,8 @@
 
 The model comes whole from pretrain.inference.loading.load_model, whatever TP/PP layout saved it, so the conversion
 only ever sees full (unsharded) megatron-core tensors under their canonical names. Where GPT-2 cannot express our
-model (rotary positions, SwiGLU, grouped-query attention, ...) the export is refused with a one-line ConfigError
-naming the config key, before any weight is loaded (``check``).
+model (SwiGLU, RMSNorm, grouped-query attention, no biases; rotary GPTs go to llama.py) the export is refused
+with a one-line ConfigError naming the config key, before any weight is loaded (``check``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def check(cfg: Config) -> None:
     if model.activation not in GPT2_ACTIVATIONS:
         raise ConfigError(f"model.activation={model.activation}: GPT-2's MLP is not gated (supports "
                           f"{', '.join(GPT2_ACTIVATIONS)}); this checkpoint cannot be exported as GPT2LMHeadModel")
+    for key, value, wanted, why in [
+            ("normalization", model.normalization, "layernorm", "GPT-2 has LayerNorms"),
+            ("num_query_groups", model.num_query_groups, 0, "GPT-2 has a key/value per head"),
+            ("add_bias_linear", model.add_bias_linear, True, "GPT-2's linear layers have biases")]:
+        if value != wanted:
+            raise ConfigError(f"model.{key}={value}: {why}; this checkpoint cannot be exported as GPT2LMHeadModel "
+                              "(rotary positions would export it as LlamaForCausalLM)")
 
 
 def gpt2_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: torch.dtype) -> dict[str, Any]:

@@ -65,7 +65,9 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         layernorm_epsilon=cfg.layernorm_epsilon,
         activation_func=activation,
         gated_linear_unit=cfg.activation == "swiglu",
-        add_bias_linear=True,
+        add_bias_linear=cfg.add_bias_linear,
+        num_query_groups=cfg.num_query_groups or None,
+        normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline if parallel.virtual_pipeline > 1 else None,
@@ -105,6 +107,21 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
         for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm (Llama's: x / sqrt(mean(x^2) + eps) * weight, no bias) for the local layer spec, with its
+    weight marked for sequence parallelism as :class:`LayerNorm`'s."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def norm_class(config: TransformerConfig) -> type[torch.nn.Module]:
+    """The local spec's norm for ``config.normalization`` (megatron-core's name: LayerNorm or RMSNorm)."""
+    return RMSNorm if config.normalization == "RMSNorm" else LayerNorm
 
 
 LOCAL, TRANSFORMER_ENGINE = "local", "transformer_engine"
@@ -152,10 +169,11 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None, name: str = LOCA
     if name == TRANSFORMER_ENGINE:
         return _te_layer_spec()
     spec = get_gpt_layer_local_spec()
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LayerNorm
+    norm = norm_class(config)
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention  # fused, not separate ops
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LayerNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=norm)
 
 
 _logged: set[str] = set()
@@ -192,6 +210,7 @@ def model_from_spec(cfg: ModelConfig, config: TransformerConfig, spec, vocab_siz
         post_process=post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type=cfg.position_embedding,
+        rotary_base=cfg.rope_theta,  # megatron-core's type hint says int; the frequencies are computed in float
         vp_stage=vp_stage,
     ))
 
@@ -235,13 +254,15 @@ def loss_fn(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), attention scores included (not causal-halved).
 
-    Forward per layer: QKV + output projections 8h^2, MLP 4h*f (6h*f gated), scores and weighted sum 4sh;
-    plus the logits 2hV. With f = 4h this is Megatron-LM's 72*l*h^2*(1 + s/(6h) + V/(12*l*h)).
+    Forward per layer: QKV + output projections 8h^2 (q and output 4h^2 + k and v 4h^2 * groups / heads), MLP
+    4h*f (6h*f gated), scores and weighted sum 4sh; plus the logits 2hV. With f = 4h this is Megatron-LM's
+    72*l*h^2*(1 + s/(6h) + V/(12*l*h)).
     """
     h, s, l = cfg.hidden_size, cfg.seq_length, cfg.num_layers
     f = cfg.ffn_hidden_size or 4 * h
     mlp = (6 if cfg.activation == "swiglu" else 4) * h * f
-    return 3.0 * (l * (8 * h * h + mlp + 4 * s * h) + 2 * h * vocab_size)
+    kv = 2 * h * h * (cfg.num_query_groups or cfg.num_attention_heads) // cfg.num_attention_heads  # k, v: GQA
+    return 3.0 * (l * (2 * (2 * h * h + kv) + mlp + 4 * s * h) + 2 * h * vocab_size)
 
 
 class GPTDecoder:

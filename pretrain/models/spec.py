@@ -78,7 +78,8 @@ class ModelSpec:
     decoder: Callable[[torch.nn.Module, ModelConfig, torch.device], Any] | None = None
     #: Sequence classification for `pretrain finetune`; None: the family is not fine-tuned.
     classification: Classification | None = None
-    #: The Hugging Face conversion `pretrain export hf` uses (a module of pretrain/hf: "gpt2", "bert"); None: none.
+    #: The Hugging Face conversion `pretrain export hf` uses (a module of pretrain/hf: "gpt2", which a GPT with
+    #: rotary positions turns into "llama", or "bert"); None: none.
     hf_export: str | None = None
     #: (model cfg, padded vocab, tensor, pipeline, stage) -> parameters this family has on one rank of ``stage``
     #: beyond the GPT-shaped count of the planner (pretrain/parallel/plan.py); may be negative.

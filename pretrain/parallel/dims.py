@@ -40,7 +40,9 @@ class ParallelDims:
         p, m, t = cfg.parallel, cfg.model, cfg.train
         dims = cls(world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline)
         ffn = m.ffn_hidden_size or 4 * m.hidden_size
-        for key, value in [("model.num_attention_heads", m.num_attention_heads), ("model.ffn_hidden_size", ffn)]:
+        groups = [("model.num_query_groups", m.num_query_groups)] if m.num_query_groups else []
+        for key, value in [("model.num_attention_heads", m.num_attention_heads), ("model.ffn_hidden_size", ffn),
+                           *groups]:
             if value % p.tensor:
                 raise ConfigError(f"{key} ({value}) is not divisible by parallel.tensor ({p.tensor})")
         if p.sequence_parallel and m.seq_length % p.tensor:

@@ -3,15 +3,16 @@
 ``pretrain train CFG --dry-run --world-size N`` checks the layout with :meth:`ParallelDims.from_config`, counts the
 parameters each rank holds, estimates memory per GPU and refuses a layout that does not fit ``--gpu-memory-gib``.
 
-Parameters (megatron-core GPTModel, LayerNorm and linear biases on, no GQA), h hidden, f MLP width, V padded vocab,
-s sequence, t tensor parallel. Per layer: two LayerNorms 4h; QKV 3h^2 + 3h and MLP fc1 g*(h*f + f) (g = 2 for
-swiglu, which is gated) are column parallel, divided by t; the attention projection h^2 and fc2 f*h are row
-parallel, weight divided by t, bias h replicated. First stage: word embeddings V*h/t (+ s*h learned positions,
-replicated). Last stage: final LayerNorm 2h and the output layer V*h/t, which is the embedding itself when tied and
-PP = 1, and a separate copy (kept in sync by megatron-core) when tied and PP > 1. Layers split evenly over stages.
-BERT (post-LN BertModel) adds 2h token types and moves the final LayerNorm's 2h onto the embeddings (first stage),
-and adds on the last stage its MLM head h^2 + 3h, the output bias V/t and with NSP the pooler h^2 + h and binary
-head 2h + 2.
+Parameters (megatron-core GPTModel; written here for LayerNorm, linear biases and no GQA: RMSNorm drops the norm
+biases, model.add_bias_linear=false the linear ones, and GQA shrinks k and v to groups/heads of q), h hidden, f MLP
+width, V padded vocab, s sequence, t tensor parallel. Per layer: two LayerNorms 4h; QKV 3h^2 + 3h and MLP fc1 g*(h*f
++ f) (g = 2 for swiglu, which is gated) are column parallel, divided by t; the attention projection h^2 and fc2 f*h
+are row parallel, weight divided by t, bias h replicated. First stage: word embeddings V*h/t (+ s*h learned
+positions, replicated). Last stage: final LayerNorm 2h and the output layer V*h/t, which is the embedding itself
+when tied and PP = 1, and a separate copy (kept in sync by megatron-core) when tied and PP > 1. Layers split evenly
+over stages. BERT (post-LN BertModel) adds 2h token types and moves the final LayerNorm's 2h onto the embeddings
+(first stage), and adds on the last stage its MLM head h^2 + 3h, the output bias V/t and with NSP the pooler h^2 + h
+and binary head 2h + 2.
 
 Memory per GPU, for the stage whose total is largest (bytes per parameter on that rank, P = its parameters):
 - bf16 (precision auto = bf16, as on GPU): params 2P, grads 4P (accumulated and reduced in fp32,
@@ -109,8 +110,11 @@ def _gate(m: ModelConfig) -> int:
 def layer_params(m: ModelConfig, tensor: int = 1) -> int:
     """Parameters of one transformer layer on one TP rank (LayerNorms and row-parallel biases replicated)."""
     h, f, g = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size, _gate(m)
-    sharded = (3 * h * h + 3 * h) + h * h + g * (h * f + f) + f * h  # QKV, proj weight, fc1, fc2 weight
-    replicated = 4 * h + h + h  # two LayerNorms (weight + bias), proj bias, fc2 bias
+    bias = 1 if m.add_bias_linear else 0
+    qkv = h + 2 * h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads  # grouped k, v
+    sharded = (qkv * h + bias * qkv) + h * h + g * (h * f + bias * f) + f * h  # QKV, proj weight, fc1, fc2 weight
+    norm = h if m.normalization == "rmsnorm" else 2 * h  # weight (+ bias)
+    replicated = 2 * norm + 2 * bias * h  # two norms, proj bias, fc2 bias
     return sharded // tensor + replicated
 
 
@@ -121,7 +125,7 @@ def stage_params(m: ModelConfig, vocab_size: int, tensor: int = 1, pipeline: int
     if stage == 0:
         count += vocab_size * h // tensor + (m.seq_length * h if m.position_embedding == "learned_absolute" else 0)
     if stage == pipeline - 1:
-        count += 2 * h  # final LayerNorm
+        count += h if m.normalization == "rmsnorm" else 2 * h  # final norm
         if not m.tie_embeddings or pipeline > 1:  # tied with PP > 1: the last stage keeps its own copy
             count += vocab_size * h // tensor
     # The family's own extras (BERT's token types, MLM head, pooler, ...), as its spec counts them.

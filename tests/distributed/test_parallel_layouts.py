@@ -3,7 +3,8 @@
 Layouts of one world size share a launch (megatron-core's groups are rebuilt between them), so the whole
 matrix costs four process launches. Dropout is off: which rank draws which mask differs by layout. GPT runs
 configs/debug/gpt_tiny.yaml; BERT's layouts run configs/bert/tiny.yaml and are compared with BERT's own
-single-process run; the bf16 layouts with the single-process bf16 run.
+single-process run, the Llama-shaped GPT's configs/llama/tiny.yaml with its own; the bf16 layouts with the
+single-process bf16 run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tests.conftest import REPO, TINY_CONFIG
 from tests.distributed.layouts_support import run_layouts
 
 BERT_CONFIG = REPO / "configs" / "bert" / "tiny.yaml"
+LLAMA_CONFIG = REPO / "configs" / "llama" / "tiny.yaml"
 
 STEPS = 6
 COMMON = ["--model.hidden_dropout=0.0", "--model.attention_dropout=0.0", f"--train.steps={STEPS}",
@@ -43,6 +45,15 @@ BERT_LAYOUTS = {
     1: {"BERT single": []},
     4: {"BERT TP=2 x PP=2": ["--parallel.tensor=2", "--parallel.pipeline=2"]},
 }
+#: Llama-shaped GPT layouts (LLAMA_CONFIG: RMSNorm, 2 key/value groups for 4 heads, SwiGLU, RoPE, no biases,
+#: untied): TP splits the key/value groups and the gated MLP, sequence parallelism sums the RMSNorm gradients, the
+#: pipeline carries a separate output layer; compared with the Llama single-process run.
+LLAMA_LAYOUTS = {
+    1: {"Llama single": []},
+    2: {"Llama TP=2 + sequence parallel": ["--parallel.tensor=2", "--parallel.sequence_parallel=true"],
+        "Llama PP=2 1F1B": ["--parallel.pipeline=2"],
+        "Llama DP=2 ZeRO-1": ["--parallel.zero_stage=1"]},
+}
 #: bf16 layouts (GPT), in the launches of the same world size above; fewer steps (BF16_STEPS) and no validation,
 #: to keep the matrix cheap: they check that gradients are summed, reduced and normed right in bf16 (the norm
 #: DeepSpeed's optimizers compute there, the fp32 accumulation of pretrain/parallel/grads.py).
@@ -62,6 +73,7 @@ BF16_LAYOUTS = {
 #: The single-process run each layout is compared with: its family's (and precision's).
 REFERENCE = ({name: "single" for layouts in LAYOUTS.values() for name in layouts}
              | {name: "BERT single" for layouts in BERT_LAYOUTS.values() for name in layouts}
+             | {name: "Llama single" for layouts in LLAMA_LAYOUTS.values() for name in layouts}
              | {name: "bf16 single" for layouts in BF16_LAYOUTS.values() for name in layouts})
 #: bf16 tolerances, relative. bf16 keeps 8 significant bits (one rounding: up to 2^-9 = 2e-3 relative), and layouts
 #: round at different places (a TP rank's partial GEMM output before its all-reduce, a pipeline stage's boundary
@@ -80,6 +92,7 @@ def runs(shakespeare, tmp_path_factory) -> dict[str, dict]:
         return {name: (str(config), [*COMMON, *overrides]) for name, overrides in layouts.items()}
 
     jobs = {world: family_jobs(TINY_CONFIG, layouts) | family_jobs(BERT_CONFIG, BERT_LAYOUTS.get(world, {}))
+            | family_jobs(LLAMA_CONFIG, LLAMA_LAYOUTS.get(world, {}))
             | {name: (str(TINY_CONFIG), [*COMMON, *BF16, *overrides])
                for name, overrides in BF16_LAYOUTS.get(world, {}).items()}
             for world, layouts in LAYOUTS.items()}
@@ -122,8 +135,9 @@ def test_checkpoint_consolidates_to_the_single_process_weights(runs, name):
     ref = {k: v for k, v in torch.load(model_file(ref_dir, 0), weights_only=False)["module"].items()
            if not k.endswith("_extra_state")}
     layout = read_marker(ours_dir)["layout"]
-    num_layers = yaml.safe_load((ours_dir / "config.yaml").read_text())["model"]["num_layers"]
-    ours = consolidated_state_dict(ours_dir, layout, ref, num_layers)
+    model = yaml.safe_load((ours_dir / "config.yaml").read_text())["model"]
+    ours = consolidated_state_dict(ours_dir, layout, ref, model["num_layers"],
+                                   gated_mlp=model["activation"] == "swiglu")
     assert ours.keys() == ref.keys()
     # STEPS AdamW steps apart from float summation order: close, and a misplaced shard is not (weights ~0.02). bf16:
     # two roundings of 2^-8, and an AdamW step on a gradient near zero, whose sign bf16 noise decides, may go

@@ -65,17 +65,23 @@ def our_vs_hf(checkpoint: Path, export_dir: Path, corpus_jsonl: Path) -> dict:
     text = json.loads(corpus_jsonl.read_text().splitlines()[0])["text"]
     ids = tokenizer.encode(text[20000:40000])
     s, vocab = loaded.cfg.model.seq_length, tokenizer.vocab_size
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir, use_fast=False)
-    result = {"tokenizer_equal": hf_tokenizer(text[20000:22000])["input_ids"] == tokenizer.encode(text[20000:22000])}
-    if loaded.cfg.model.family == "gpt":
-        hf = transformers.GPT2LMHeadModel.from_pretrained(export_dir).eval()
+    ours_ids = tokenizer.encode(text[20000:22000])
+    # The slow LlamaTokenizer (sentencepiece itself) and AutoTokenizer's default, the fast one converted from it.
+    result = {"tokenizer_equal": all(
+        transformers.AutoTokenizer.from_pretrained(export_dir, use_fast=fast)(text[20000:22000])["input_ids"]
+        == ours_ids for fast in (False, True))}
+    if loaded.cfg.model.family == "gpt":  # GPT2LMHeadModel or LlamaForCausalLM
+        architecture = json.loads((export_dir / "config.json").read_text())["architectures"][0]
+        hf = getattr(transformers, architecture).from_pretrained(export_dir).eval()
         tokens = torch.tensor([ids[:s], ids[s:2 * s]])  # [2, s], two windows of a held-out play
         with torch.no_grad():
             ours = loaded.model(input_ids=tokens, position_ids=torch.arange(s)[None],
                                 attention_mask=torch.from_numpy(causal_mask(s).copy()))[..., :vocab]  # [2, s, V]
             theirs = hf(tokens).logits  # [2, s, V]
         result["logits_rel_err"] = ((ours - theirs).abs().max() / ours.abs().max()).item()
-        result["lm_head_tied"] = hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+        result["lm_head_tied"] = hf.get_output_embeddings().weight.data_ptr() == \
+            hf.get_input_embeddings().weight.data_ptr()
+        result.update(greedy_both(loaded, hf, ids[:16], vocab, new_tokens=24))
     else:  # BERT: [CLS] A [SEP] B [SEP], the second row padded, token types 0/1
         half = s // 2 - 2
         rows = [[tokenizer.cls_id, *ids[:half], tokenizer.sep_id, *ids[half:2 * half], tokenizer.sep_id],
@@ -99,6 +105,29 @@ def our_vs_hf(checkpoint: Path, export_dir: Path, corpus_jsonl: Path) -> dict:
             result["nsp_rel_err"] = ((ours_nsp - theirs_nsp).abs().max() / ours_nsp.abs().max()).item()
     result["hf_config"] = hf.config.to_dict()
     return result
+
+
+def greedy_both(loaded, hf, prompt: list[int], vocab: int, new_tokens: int) -> dict:
+    """Greedy continuations of ``prompt`` by our key/value-cached decoder (what `pretrain generate` runs) and by
+    transformers' ``generate`` (its own cache), ``new_tokens`` each, never stopping early; and the largest relative
+    difference of the logits the two caches give at any step (an undertrained model may repeat one token, so
+    equal tokens alone would say little about the cached positions)."""
+    import torch
+
+    decoder = loaded.spec.decoder(loaded.model, loaded.cfg.model, loaded.device)
+    ours, steps, logits = [], [], decoder.prefill(list(prompt))
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            steps.append(logits[:vocab].float())
+            ours.append(int(steps[-1].argmax()))
+            logits = decoder.step(ours[-1])
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
+                          return_dict_in_generate=True)
+    theirs = torch.stack([score[0] for score in out.scores])  # [new_tokens, V]: no logits processor for greedy
+    mine = torch.stack(steps)  # [new_tokens, V]
+    return {"greedy_ours": ours, "greedy_hf": out.sequences[0, len(prompt):].tolist(),
+            "cached_logits_rel_err": ((mine - theirs).abs().max() / mine.abs().max()).item()}
 
 
 def reloaded_accuracy(output: Path) -> float:

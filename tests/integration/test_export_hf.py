@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env, run_cli
-from tests.integration.downstream_support import pretrained_gpt, train_gpt
+from tests.conftest import REPO, cli_env, data_overrides, run_cli
+from tests.integration.downstream_support import PADDED_VOCAB, pretrained_gpt, train_gpt
+
+LLAMA_CONFIG = REPO / "configs" / "llama" / "tiny.yaml"
 
 REL_TOL = 1e-5  # fp32, relative to the largest logit
 
@@ -75,17 +77,20 @@ def test_tp2_checkpoint_with_tanh_gelu_and_untied_output_exports_equal_logits(sh
     assert not config["tie_word_embeddings"] and not result["lm_head_tied"]
 
 
-def test_rope_gpt_is_refused_with_one_line(shakespeare, tmp_path):
+def test_rope_gpt_with_gpt2_mlp_is_refused_with_one_line(shakespeare, tmp_path):
+    # Rotary positions make it a Llama export, whose MLP is SwiGLU: gelu cannot be expressed.
     run_dir = train_gpt(shakespeare, tmp_path / "run", "--model.position_embedding=rope", steps=1)
     out = tmp_path / "hf"
     result = run_cli("export", "hf", "--checkpoint", str(run_dir), "--output", str(out))
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model.position_embedding=rope"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: model.activation=gelu: a GPT with rotary"), result.stderr
     assert not out.exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("override, key", [("activation", "swiglu"), ("position_embedding", "rope")])
+@pytest.mark.parametrize("override, key", [("activation", "swiglu"), ("position_embedding", "rope"),
+                                           ("normalization", "rmsnorm"), ("num_query_groups", 2),
+                                           ("add_bias_linear", False)])
 def test_gpt2_compatibility_check_names_the_key(override, key):
     from pretrain.config import Config
     from pretrain.errors import ConfigError
@@ -95,6 +100,37 @@ def test_gpt2_compatibility_check_names_the_key(override, key):
     setattr(cfg.model, override, key)
     with pytest.raises(ConfigError, match=f"^model.{override}={key}: "):
         gpt2.check(cfg)
+
+
+@pytest.mark.slow
+def test_llama_export_with_gqa_rope_untied_matches_llama_for_causal_lm(shakespeare, tmp_path, corpus):
+    # configs/llama/tiny.yaml: RMSNorm, 4 heads in 2 key/value groups, SwiGLU, RoPE base 5e5, no biases, untied
+    # output layer; the vocabulary padded to 1100 rows. One process: that TP=2 + SP and PP=2 Llama checkpoints
+    # consolidate to the single process's weights is tests/distributed/test_parallel_layouts.py's, and the export
+    # starts from the consolidated model.
+    run_dir = tmp_path / "run"
+    trained = run_cli("train", str(LLAMA_CONFIG), "--train.steps=4", "--checkpoint.every_steps=4", PADDED_VOCAB,
+                      *data_overrides(shakespeare, run_dir))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    out = tmp_path / "hf"
+    result = run_cli("export", "hf", "--checkpoint", str(run_dir), "--output", str(out), "--max-shard-gb=0.004")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # 8.1 MB of fp32 weights: 3 shards
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    from data_pipeline.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(str(shakespeare["tokenizer"]))
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["bos_token_id"]) == (tokenizer.eos_id, tokenizer.bos_id)
+    result = compare(run_dir, out, corpus)
+    assert result["logits_rel_err"] <= REL_TOL, result["logits_rel_err"]
+    config = result["hf_config"]
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 1024
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["rope_theta"]) == (4, 2, 5e5)
+    assert not config["tie_word_embeddings"] and not result["lm_head_tied"]
+    assert result["tokenizer_equal"]  # AutoTokenizer (LlamaTokenizer over tokenizer.model) encodes like ours
+    assert result["greedy_ours"] == result["greedy_hf"], result  # token for token, each with its own KV cache
+    assert result["cached_logits_rel_err"] <= REL_TOL, result["cached_logits_rel_err"]  # every decoding step
 
 
 def test_split_qkv_follows_megatron_group_layout():
@@ -115,8 +151,6 @@ def test_split_qkv_follows_megatron_group_layout():
     (("--model.nsp=false", "--model.tie_embeddings=false"), "BertForMaskedLM"),  # no pooler / NSP head to export
 ])
 def test_bert_export_matches_hf_bert(shakespeare, tmp_path, corpus, overrides, architecture):
-    from tests.conftest import data_overrides
-
     run_dir = tmp_path / "run"
     trained = run_cli("train", str(REPO / "configs" / "bert" / "tiny.yaml"), "--train.steps=3",
                       "--checkpoint.every_steps=3", "--model.make_vocab_size_divisible_by=100", *overrides,

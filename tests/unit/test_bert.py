@@ -298,3 +298,17 @@ def test_tensor_parallel_equals_single(tp_runs, layout):
         for key in ref:
             torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{layout}: {key}")
     assert tp_runs[0]["TP=1"]["loss"] > 0
+
+
+def test_classification_features_are_the_mean_of_the_real_tokens_states(mcore_world1):
+    """Fine-tuning features: the mean final hidden state over real tokens; padding changes nothing."""
+    model = bert.build(tiny_config(), ParallelConfig(), torch.float32, VOCAB).eval()
+    model.post_process = False  # as the classifier uses it: the encoder's hidden states [s, b, h]
+    ids = torch.randint(7, VOCAB, (2, 12))
+    with torch.no_grad():
+        features = bert.classification_features(model, ids, torch.tensor([12, 7]))  # row 1: 5 padding positions
+        alone = bert.classification_features(model, ids[1:, :7], torch.tensor([7]))
+        hidden = model(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]),
+                       tokentype_ids=torch.zeros_like(ids[:1]))  # [s, 1, h]
+    torch.testing.assert_close(features[1:], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features[:1], hidden.mean(0), rtol=1e-5, atol=1e-6)

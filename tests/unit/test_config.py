@@ -174,6 +174,25 @@ def test_optimizer_and_init_ranges(override, key):
         load(TINY, [override])
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["--model.num_query_groups=3"], "model.num_query_groups"),  # does not divide 4 heads
+    (["--model.rope_theta=0"], "model.rope_theta"),
+    (["--model.family=bert", "--model.normalization=rmsnorm"], "model.normalization"),  # GPT options only
+    (["--model.family=bert", "--model.add_bias_linear=false"], "model.add_bias_linear"),
+])
+def test_llama_options_are_checked(overrides, key):
+    assert config_error(TINY, overrides).startswith(f"{key}:")
+
+
+@pytest.mark.parametrize("name, layers, hidden, groups", [
+    ("tiny", 4, 192, 2), ("3.2-1b", 16, 2048, 8), ("3-8b", 32, 4096, 8)])
+def test_llama_presets_load(name, layers, hidden, groups):
+    m = load(REPO / "configs" / "llama" / f"{name}.yaml", []).model
+    assert (m.num_layers, m.hidden_size, m.num_query_groups) == (layers, hidden, groups)
+    assert (m.normalization, m.activation, m.position_embedding, m.add_bias_linear) == \
+        ("rmsnorm", "swiglu", "rope", False)
+
+
 @pytest.mark.parametrize("override, key, shown", [
     ("--model.hidden_size=abc", "model.hidden_size", "'abc'"),
     ("--train.steps=1.5", "train.steps", "1.5"),

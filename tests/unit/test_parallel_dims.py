@@ -88,6 +88,14 @@ def test_ffn_not_divisible_by_tensor():
     assert ParallelDims.from_config(load(TINY, ["--parallel.tensor=4"]), world_size=4).data == 1
 
 
+def test_query_groups_not_divisible_by_tensor():
+    # 4 heads split over TP 4, but 2 key/value groups do not: megatron-core gives each rank whole groups.
+    message = layout_error(["--parallel.tensor=4", "--model.num_query_groups=2"], world_size=4)
+    assert message.startswith("model.num_query_groups (2)") and "parallel.tensor (4)" in message
+    assert ParallelDims.from_config(load(TINY, ["--parallel.tensor=2", "--model.num_query_groups=2"]),
+                                    world_size=2).data == 1
+
+
 def test_sequence_parallel_needs_seq_length_divisible():
     message = layout_error(["--parallel.tensor=4", "--parallel.sequence_parallel=true", "--model.seq_length=130"],
                            world_size=4)
