@@ -2,9 +2,11 @@
 # README command 2: set up, then run the whole test suite (CPU, gloo). Extra arguments go to pytest,
 # e.g. `bash scripts/test.sh -m "not slow"` while iterating.
 #
-# Two pytest workers (pytest-xdist) by default, one per core: most of a test is single-threaded Python (imports,
-# process start-up, small-model steps), so two at a time nearly halve the wall time. --dist loadscope keeps each
-# module on one worker, so its module-scoped trained runs are built once. PYTEST_WORKERS=0 runs in one process.
+# Three pytest workers (pytest-xdist) by default on the 2-core machine: most of a test is single-threaded Python
+# (imports, process start-up, small-model steps), and the Slurm and multi-node tests spend much of their time
+# waiting (timeouts, requeues, polls), which a third worker fills (about a minute less than two, measured).
+# --dist loadscope keeps each module on one worker, so its module-scoped trained runs are built once.
+# PYTEST_WORKERS=0 runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -23,7 +25,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
                  --no-install-recommends chromium >/dev/null; }
     fi
 fi
-workers=${PYTEST_WORKERS:-2}
+workers=${PYTEST_WORKERS:-3}
 parallel=()
 if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadscope); fi
 exec python3 -m pytest -q -p no:benchmark --timeout=900 "${parallel[@]}" "$@"

@@ -1,5 +1,6 @@
 """scripts/hf_continue_pretraining.sh, the README's Hugging Face example: a random-init LlamaForCausalLM built here
-is imported at TP=2 (giving HF's logits in our code), pretrained 20 more steps, exported and loaded by transformers."""
+is imported at TP=2 (giving HF's logits in our code), pretrained 20 more steps, exported and loaded by transformers;
+the export imported and exported again is byte-identical."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO, cli_env
-from tests.integration.test_export_hf import REL_TOL, compare, corpus  # noqa: F401 - corpus: a fixture
-from tests.integration.test_import_hf import LLAMA_CONFIG, hf_model
+from tests.integration.test_export_hf import REL_TOL, compare, corpus, export  # noqa: F401 - corpus: a fixture
+from tests.integration.test_import_hf import LLAMA_CONFIG, hf_model, import_hf
 
 
 @pytest.mark.slow
@@ -30,3 +31,7 @@ def test_import_at_tp2_continue_export_and_load_with_transformers(shakespeare, t
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert [m["step"] for m in metrics if "loss" in m][-1] == 20 and losses[-1] < losses[0]  # it kept learning
     assert (work / "hf" / "config.json").is_file() and (work / "hf" / "generation_config.json").is_file()
+    # export -> import -> export of the trained model is byte-identical: nothing is lost or reordered either way.
+    again = export(import_hf(work / "hf", LLAMA_CONFIG, tmp_path / "reimported", shakespeare), tmp_path / "again")
+    assert (work / "hf" / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    assert (work / "hf" / "config.json").read_text() == (again / "config.json").read_text()
