@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import fcntl
+import linecache
 import os
 import socket
 import sys
@@ -172,27 +173,34 @@ def hang_file(hang_dir: Path, rank: int) -> Path:
 
 
 def main_thread_collective() -> str:
-    """Which torch.distributed collective the main thread is inside now, and the first caller outside torch
-    (e.g. "in collective all_reduce, entered from megatron/core/tensor_parallel/mappings.py:31 (_reduce)"), or
-    "not in a collective". Read from the live frames, so it needs no bookkeeping on the hot path: a rank that
-    hangs is, by definition, still in the collective it entered last."""
+    """Where the main thread waits, for the hang line: the torch.distributed collective it is inside and the first
+    caller outside torch ("in collective all_reduce, entered from megatron/core/tensor_parallel/mappings.py:31
+    (_reduce)"); or an asynchronous collective's ``.wait()`` ("waiting on an asynchronous collective at
+    megatron/core/tensor_parallel/layers.py:624 (backward)"); else "not in a collective, at FILE:LINE (FUNC)" (compute
+    or I/O, the usual culprit). Read from the live frames, so the hot path pays nothing: a rank that hangs is, by
+    definition, still where it stopped."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     stack = []
     while frame is not None:
         stack.append(frame)
         frame = frame.f_back
+    c10d = os.path.join("distributed", "distributed_c10d.py")
+    ours = [f for f in stack if f"{os.sep}torch{os.sep}" not in f.f_code.co_filename]
     for i, f in enumerate(stack):  # innermost first
-        if f.f_code.co_filename.endswith(os.path.join("distributed", "distributed_c10d.py")):
-            collective = f.f_code.co_name
-            for g in stack[i:]:
-                if g.f_code.co_filename.endswith(os.path.join("distributed", "distributed_c10d.py")):
-                    collective = g.f_code.co_name  # the outermost c10d frame is the public API's name
-                    continue
-                if f"{os.sep}torch{os.sep}" not in g.f_code.co_filename:
-                    return (f"in collective {collective}, entered from {_short(g.f_code.co_filename)}:"
-                            f"{g.f_lineno} ({g.f_code.co_name})")
-            return f"in collective {collective}"
-    return "not in a collective"
+        if f.f_code.co_filename.endswith(c10d):
+            outer = [g for g in stack[i:] if g.f_code.co_filename.endswith(c10d)][-1]  # the public API's name
+            caller = next((g for g in stack[i:] if g in ours), None)
+            return f"in collective {outer.f_code.co_name}" + (f", entered from {_where(caller)}" if caller else "")
+    if not ours:
+        return "not in a collective"
+    innermost = ours[0]
+    if ".wait(" in linecache.getline(innermost.f_code.co_filename, innermost.f_lineno):
+        return f"waiting on an asynchronous collective at {_where(innermost)}"
+    return f"not in a collective, at {_where(innermost)}"
+
+
+def _where(frame) -> str:
+    return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} ({frame.f_code.co_name})"
 
 
 def _short(filename: str) -> str:

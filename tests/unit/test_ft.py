@@ -72,7 +72,9 @@ def test_watchdog_writes_its_report_to_the_hang_dir(tmp_path):
     report = (tmp_path / "hang" / "rank_3.txt").read_text()
     lines = report.splitlines()
     assert lines[0] == "rank 3: forward/backward of step 7 exceeded ft.step_timeout_s=0.3 s; Python stacks follow"
-    assert lines[1] == (f"rank 3 (host {socket.gethostname()}, pid {os.getpid()}): step 7, not in a collective; "
+    assert lines[1] == (f"rank 3 (host {socket.gethostname()}, pid {os.getpid()}): step 7, not in a collective, "
+                        f"at {__file__}:{sleeping_step_that_hangs.__code__.co_firstlineno + 1} "
+                        "(sleeping_step_that_hangs); "
                         f"stacks also in {tmp_path / 'hang' / 'rank_3.txt'}")
     assert "sleeping_step_that_hangs" in report  # the stacks, in the file as on stderr
     stream.seek(0)
