@@ -126,7 +126,7 @@ def test_hang_excludes_the_node_and_a_lost_node_requeues_then_resumes(cluster, t
     # at the moment the test chooses (a tiny step takes ~0.05 s; a run of 60 would end before the test looks).
     job_id, log = submit(cluster, shakespeare, run_dir, "--requeue",
                          env={"PRETRAIN_TEST_FAULTS": "step_sleep_s=0.3"})
-    wait_until(lambda: logged(run_dir, 3), "step 3", log)
+    wait_until(lambda: logged(run_dir, 6), "step 6 (after the checkpoint of step 5)", log)
     first = job_hosts(cluster, job_id)
     batch_host = int(re.search(r"\d+", cluster.job(job_id)["BatchHost"])[0])
     frozen = next(h for h in first if h != batch_host)
