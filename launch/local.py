@@ -29,7 +29,10 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from pretrain.fault_tolerance import HANG_EXIT_CODE, REQUEUE_EXIT_CODE
@@ -193,9 +196,6 @@ class HangMonitor:
     attempt's) are ignored."""
 
     def __init__(self, hang_dir: str, grace_s: float = 5.0, poll_s: float = 0.5):
-        import threading
-        import time
-
         self.hang_dir, self.grace_s, self.poll_s = Path(hang_dir), grace_s, poll_s
         self.started = time.time()
         #: Ranks this monitor killed for not reporting their own hang.
@@ -222,8 +222,6 @@ class HangMonitor:
         return found
 
     def _run(self) -> None:
-        import time
-
         while not self._stop.wait(self.poll_s):
             if not (reports := self._fresh_reports()):
                 continue
@@ -238,7 +236,6 @@ class HangMonitor:
 
     def _report_and_kill(self, proc, rank: int, first: int) -> None:
         import psutil
-        import socket
 
         from pretrain.fault_tolerance import hang_file
 
@@ -313,8 +310,6 @@ def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
         logger.error("launch: rank(s) %s never reported their own hang and were killed; exit code %d",
                      monitor.killed, HANG_EXIT_CODE)
         if hung_nodes_file := os.environ.get(HUNG_NODES_ENV):  # slurm/multi_node.sbatch excludes these on requeue
-            import socket
-
             with open(hung_nodes_file, "a") as f:
                 f.write(socket.gethostname() + "\n")
         return HANG_EXIT_CODE
