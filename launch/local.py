@@ -284,8 +284,11 @@ def run(launch: LocalLaunch, pretrain_args: list[str]) -> int:
     # store shared with the workers (torch's default since 2.4), rank 0's agent publishes MASTER_ADDR/PORT only in
     # its first round, and the newcomer waits for them in the new round's keys forever while rank 0 waits for the
     # newcomer (torch 2.13, dynamic_rendezvous.next_rendezvous; tests/multinode/test_torchrun_hosts.py). Without
-    # sharing, rank 0 publishes them every round and the workers start a store of their own, as before 2.4.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # sharing, rank 0 publishes them every round and the workers start a store of their own, as before 2.4. One
+    # node keeps the shared store: its workers' own store would bind a port torchrun picked from the ephemeral
+    # range and let go of, which an outgoing connection can take first.
+    if launch.nnodes > 1:
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     forwarder = StopForwarder()
     previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
     monitor = HangMonitor(launch.hang_dir) if launch.hang_dir else None

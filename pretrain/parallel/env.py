@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import random
 import socket
 
 from typing import TYPE_CHECKING
@@ -23,14 +24,18 @@ if TYPE_CHECKING:  # megatron-core loads in seconds: the watchdog and the launch
 
 def free_port(count: int = 1, host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that is free now, with the ``count - 1`` ports after it free too (a rank's Prometheus
-    exporter listens on port + LOCAL_RANK). Another process may still take it before its user binds it."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + count <= 65536 and all(_bindable(host, base + i) for i in range(1, count)):
+    exporter listens on port + LOCAL_RANK).
+
+    Drawn at random from below the kernel's ephemeral range: a port from inside it (what binding port 0 gives) can
+    be taken, before its user binds it, by any outgoing connection on the machine, and gloo opens hundreds of them
+    (parallel test workers met EADDRINUSE that way). Below the range only another explicit bind can take it."""
+    low, _ = _ephemeral_port_range()
+    rng = random.Random()  # not the global generator: training seeds it, so every process would draw the same port
+    for _ in range(200):
+        base = rng.randrange(max(1024, low - 12000), low - count)
+        if all(_bindable(host, base + i) for i in range(count)):
             return base
-    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+    raise RuntimeError(f"no {count} consecutive free ports on {host} below the ephemeral range")
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -40,6 +45,16 @@ def _bindable(host: str, port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default where /proc does not say)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def init_distributed(backend: str, timeout_s: float | None = None, single_process: bool = False) -> None:
