@@ -21,7 +21,7 @@ import torch
 
 from tests.conftest import REPO, TINY_CONFIG, cli_env, data_overrides, read_metrics
 
-STEPS, KILLS = 24, 6  # a kill costs the run at most 3 steps of progress: 6 kills end before step 24
+STEPS, KILLS = 16, 4  # a kill costs the run at most 3 steps of progress: 4 kills end before step 16
 RUN_ARGS = [f"--train.steps={STEPS}", "--train.log_every=1", "--checkpoint.every_steps=2",
             "--checkpoint.keep_last=3", "--parallel.zero_stage=1", "--train.global_batch_size=32",
             "--train.micro_batch_size=8", "--model.num_layers=2"]
