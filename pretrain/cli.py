@@ -35,9 +35,10 @@ def _train(args, overrides: list[str]) -> int:
 
         gpu_memory_gib = 80.0 if args.gpu_memory_gib is None else args.gpu_memory_gib
         return dry_run(config.load(args.config, overrides), args.world_size, gpu_memory_gib)
+    cfg = config.load(args.config, overrides)  # before megatron-core's import: a bad key fails in a second
     from pretrain.train import main
 
-    return main(config.load(args.config, overrides))
+    return main(cfg)
 
 
 def _demo(args, overrides: list[str]) -> int:

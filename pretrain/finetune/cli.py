@@ -20,7 +20,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `finetune` to the `pretrain` subcommands."""
-    from pretrain.finetune.run import FinetuneArgs
+    from pretrain.finetune.args import FinetuneArgs
 
     d = FinetuneArgs("", "", "")  # defaults, documented once on the dataclass
     p = sub.add_parser("finetune", help="sequence classification on a pretrained GPT or BERT checkpoint",

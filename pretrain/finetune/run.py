@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,31 +15,12 @@ import torch.nn.functional as F
 from data_pipeline.errors import DataError
 from pretrain.config import OptimConfig
 from pretrain.errors import ConfigError
+from pretrain.finetune.args import FinetuneArgs
 from pretrain.finetune.classifier import SequenceClassifier, pad_batch, accuracy, encode, save
 from pretrain.finetune.data import class_ids, read_examples, split_indices
 from pretrain.optim import lr_at, param_groups
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneArgs:
-    """Options of one fine-tuning run (the CLI flags)."""
-
-    checkpoint: str  #: pretrained checkpoint (step, checkpoints/ or run directory)
-    data: str  #: CSV (header row) or JSONL file of examples
-    output: str  #: directory for classifier.pt, finetune.json and tokenizer.model
-    text_key: str = "text"  #: column / field holding the text
-    label_key: str = "label"  #: column / field holding the label (string or integer)
-    epochs: int = 3  #: passes over the training split
-    lr: float = 5e-5  #: peak AdamW learning rate (linear warmup over the first 10% of steps, linear decay to 0)
-    batch_size: int = 16  #: examples per optimizer step
-    max_length: int = 0  #: tokens per example incl. EOS / [CLS] [SEP]; 0: min(128, model.seq_length)
-    valid_fraction: float = 0.1  #: share of examples held out for accuracy (split by seed)
-    seed: int = 1234  #: seeds the split, the head's init, dropout and the example order
-    weight_decay: float = 0.01  #: AdamW decoupled weight decay (matrices only)
-    dropout: float = 0.1  #: dropout on the pooled features before the classification layer
-    log_every: int = 10  #: print the training loss every N steps
 
 
 def _check_args(args: FinetuneArgs) -> None:
