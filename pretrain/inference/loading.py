@@ -66,7 +66,11 @@ def load_model(path: str | Path) -> LoadedModel:
     info = device_layer.detect(0, cfg.train.precision)
     spec = models.get(cfg.model.family)
     model = spec.build(cfg.model, cfg.parallel, info.dtype, _vocab_size(path, layout),
-                       document_masks=cfg.data.reset_at_eos).to(info.device)
+                       document_masks=cfg.data.reset_at_eos)
+    # In the trained precision throughout, as DeepSpeed's engine holds it in training (module.bfloat16()): spec.build
+    # gives megatron-core's layers that dtype but torch's own (LayerNorm, position embedding) stay fp32, and a bf16
+    # checkpoint's forward then fails in the first matmul of mixed dtypes.
+    model = model.to(device=info.device, dtype=info.dtype)
     target = model.state_dict()
     if layout["zero_stage"] == 3:
         state = _zero3_state_dict(path, layout)

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, run_cli, value_after
 from tests.distributed.layouts_support import run_layouts
 
 COMMON = ["--model.hidden_dropout=0.0", "--model.attention_dropout=0.0", "--train.steps=3",
@@ -100,3 +102,14 @@ def test_loaded_bf16_layout_continues_like_the_saved_one(runs, case):
           f"moments {moments:.2e}")
     master_bound, moments_bound = (2 * 4.5e-4, 2**-5) if "TP" in case else (1e-6, 1e-5)
     assert worst < master_bound and moments < moments_bound, case
+
+
+def test_a_bf16_tp2_checkpoint_evaluates_in_bf16(runs, shakespeare):
+    """`pretrain eval` builds the model in the checkpoint's precision throughout: torch's LayerNorm and position
+    embedding in bf16 like megatron-core's linears (DeepSpeed held all of it in bf16 in training)."""
+    checkpoint = Path(runs["TP=2 ZeRO-0"]["run_dir"]) / "checkpoints" / "step_3"
+    result = run_cli("eval", "--checkpoint", str(checkpoint), "--data", str(shakespeare["valid"]),
+                     "--max-batches", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 3 steps from a uniform start: about ln(1024) = 6.93, and finite
+    assert abs(value_after(result.stdout, "val loss") - math.log(1024)) < 0.5, result.stdout

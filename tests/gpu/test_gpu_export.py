@@ -47,11 +47,6 @@ def test_bf16_trained_gpt_exports_to_transformers_with_equal_logits(bf16_run, tm
     assert result["top1_bf16"] >= TOP1_BF16, result
 
 
-# Not strict: once load_model casts the model to its dtype this passes (XPASS, reported by pytest -ra), and the mark
-# should go; until then the check reports it as xfailed instead of failing every GPU run on a known bug.
-@pytest.mark.xfail(strict=False, reason="pretrain.inference.load_model builds torch LayerNorm and the position "
-                   "embedding in fp32 next to bf16 megatron-core linears, so a bf16 checkpoint's forward fails "
-                   "(float != BFloat16 in the first matmul); remove this mark once it casts the model to its dtype")
 def test_bf16_checkpoint_evaluates_on_the_same_device(bf16_run, record_property):
     result = run_cli("eval", "--checkpoint", str(bf16_run), "--max-batches", "2")
     assert result.returncode == 0, result.stderr[-3000:]
