@@ -12,6 +12,8 @@
 # preempts (requeues) `debug` jobs, sending them their --signal first (preempt_send_user_signal).
 # Needs root (writes /etc/slurm, /etc/munge, /var/spool/slurm*). Bring-up ~60 s from nothing, ~5 s with packages.
 set -euo pipefail
+# shellcheck source=scripts/slurm_conf.sh
+source "$(dirname "$0")/slurm_conf.sh"
 
 STATE=${SLURM_TEST_STATE:-/var/run/pretrain-slurm}   # PID files of the daemons we started
 CONF=/etc/slurm/slurm.conf
@@ -50,21 +52,10 @@ write_config() {
 # Written by scripts/slurm_cluster.sh: a one-node test cluster on 127.0.0.1.
 ClusterName=pretrain-test
 SlurmctldHost=${NODE}(127.0.0.1)
-SlurmUser=root
-AuthType=auth/munge
-# Credentials expire after 10 s (default 120): otherwise a requeued job waits ~121 s before it may start again.
-AuthInfo=cred_expire=10
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerParameters=sched_interval=2,bf_interval=1
-JobRequeue=1
+$(slurm_conf_common)
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-SlurmdParameters=config_overrides
-ReturnToService=2
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -73,9 +64,6 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldPort=6817
 SlurmdPort=6818
-MpiDefault=none
-KillWait=10
-MinJobAge=300
 NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${NODE_CPUS} RealMemory=${mem} State=UNKNOWN
 # GraceTime: a pre-empted job gets its signal, then this long to checkpoint before it is requeued by force.
 PartitionName=debug Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 OverSubscribe=NO GraceTime=120

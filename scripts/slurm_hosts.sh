@@ -15,6 +15,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 NETNS=$HERE/netns_hosts.sh
+# shellcheck source=scripts/slurm_conf.sh
+source "$HERE/slurm_conf.sh"
 CPUS=${SLURM_HOSTS_CPUS:-2}   # declared per node (config_overrides): more than the real cores, on purpose
 
 die() { echo "slurm_hosts: $*" >&2; exit "${2:-1}"; }
@@ -28,28 +30,15 @@ write_config() {
 # Written by scripts/slurm_hosts.sh: $n nodes on network-namespace hosts of bed $bed.
 ClusterName=$bed
 SlurmctldHost=$bed-h0(10.231.0.1)
-SlurmUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=10
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerParameters=sched_interval=2,bf_interval=1
-JobRequeue=1
+$(slurm_conf_common)
 # A node whose slurmd stops answering is DOWN after 10 s (default 300), and its jobs requeue.
 SlurmdTimeout=10
-ReturnToService=2
 StateSaveLocation=$dir/ctld
 SlurmdSpoolDir=$dir/slurmd.%n
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.%n.log
-SlurmdParameters=config_overrides
-MpiDefault=none
-KillWait=10
-MinJobAge=300
 EOF
     for ((i = 0; i < n; i++)); do
         echo "NodeName=$bed-h$i NodeAddr=10.231.0.$((i + 1)) CPUs=$CPUS RealMemory=$mem State=UNKNOWN" >>"$dir/slurm.conf"
