@@ -89,24 +89,25 @@ def model_skeleton(path: str | Path) -> LoadedModel:
 
 def tensor_reader(loaded: LoadedModel) -> Callable[[str], torch.Tensor]:
     """``read(name)``: the whole model's tensor ``name`` (state-dict name, any saved layout) as a fresh CPU tensor
-    of the model's dtype. Stages 0-2 read it alone from the memory-mapped per-rank files; ZeRO-3 (tensor = pipeline
-    = 1) is gathered whole first by DeepSpeed's zero_to_fp32, the one layout that is not read one tensor at a time."""
+    of that tensor's dtype in ``loaded.model`` (as ``load_model`` would hold it: megatron-core keeps some, like
+    learned positions, in fp32 in a bf16 model). Stages 0-2 read it alone from the memory-mapped per-rank files;
+    ZeRO-3 (tensor = pipeline = 1) is gathered whole first by DeepSpeed's zero_to_fp32, the one layout that is
+    not read one tensor at a time."""
     path = loaded.path
     layout = read_marker(path)["layout"]
-    dtype = next(loaded.model.parameters()).dtype
+    like = {name: t for name, t in loaded.model.state_dict().items()
+            if torch.is_tensor(t) and not name.endswith("_extra_state")}
     if layout["zero_stage"] == 3:
         state = _zero3_state_dict(path, layout)
 
         def read(name: str) -> torch.Tensor:
             if name not in state:
                 raise CheckpointError(f"{path}: checkpoint lacks model tensor {name}")
-            return state.pop(name).to(dtype)
+            return state.pop(name).to(like[name].dtype)
         return read
-    shapes = {name: tuple(t.shape) for name, t in loaded.model.state_dict().items()
-              if torch.is_tensor(t) and not name.endswith("_extra_state")}
-    tensors = ConsolidatedTensors(path, layout, shapes, loaded.cfg.model.num_layers,
-                                  gated_mlp=loaded.cfg.model.activation == "swiglu")
-    return lambda name: tensors.get(name).to(dtype)
+    tensors = ConsolidatedTensors(path, layout, {name: tuple(t.shape) for name, t in like.items()},
+                                  loaded.cfg.model.num_layers, gated_mlp=loaded.cfg.model.activation == "swiglu")
+    return lambda name: tensors.get(name).to(like[name].dtype)
 
 
 def _prepare(path: Path, layout: dict) -> tuple[Config, models.ModelSpec, device_layer.DeviceInfo, int]:

@@ -108,3 +108,24 @@ def test_read_tensors_leave_no_mapped_pages_resident(tmp_path):
         assert tuple(reader.get(name).shape) == shapes[name]
     assert rss_file() - before < 5e6, (before, rss_file())  # without dropping the pages: +50 MB
     assert torch.equal(reader.get("decoder.layers.0.mlp.linear_fc1.weight"), first)  # faulted in from the file again
+
+
+@pytest.mark.slow
+def test_bf16_zero1_export_keeps_each_tensor_dtype(shakespeare, tmp_path):
+    """A bf16 run (ZeRO-1) exports each tensor in the dtype the one-process model holds it (as the export did when
+    it loaded that model): the learned positions and our torch LayerNorms in fp32, the rest in bf16; the values are
+    the saved module weights."""
+    from safetensors.torch import load_file
+
+    from tests.integration.downstream_support import train_gpt
+
+    run_dir = train_gpt(shakespeare, tmp_path / "run", "--train.precision=bf16", "--parallel.zero_stage=1",
+                        "--train.eval_batches=0", steps=1)
+    out = export(run_dir, tmp_path / "hf")
+    tensors = load_file(out / "model.safetensors")
+    fp32 = {name for name, t in tensors.items() if t.dtype == torch.float32}
+    assert fp32 == {name for name in tensors if name == "transformer.wpe.weight" or ".ln_" in name}, fp32
+    assert {t.dtype for name, t in tensors.items() if name not in fp32} == {torch.bfloat16}
+    saved = torch.load(run_dir / "checkpoints" / "step_1" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert torch.equal(tensors["transformer.wte.weight"], saved["module"]["embedding.word_embeddings.weight"][:1024])
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
