@@ -6,6 +6,10 @@ without pipelining, else a ModuleList of its virtual-pipeline chunks (keys ``<ch
 from 0 in every chunk. Chunk v of pipeline rank p holds global layers from (v * pipeline + p) * per_chunk on, the
 uniform split ParallelDims enforces. Consolidating renames every key to the whole model's (global layer numbers)
 and joins the tensor-parallel shards along the one dimension where a shard is smaller than the whole parameter.
+
+``consolidated_state_dict`` gives every tensor at once (``load_model``); ``ConsolidatedTensors`` one at a time, for
+the streaming ``pretrain export hf``: memory holds the tensor asked for, and ``drop_mapped_pages`` hands the file
+pages it read back to the kernel, so reading a whole checkpoint does not grow the resident set by its size.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ safetensors' own ``save_file`` takes every tensor of a file at once (and copies 
 length, the JSON header (dtype, shape and byte range of every tensor), then the data. With the names, dtypes and
 shapes known up front (the conversion run on meta tensors gives them, free), :class:`ShardedSafetensorsWriter`
 writes every header first and each tensor's bytes at its offset when the conversion produces it. The bytes equal
-``safetensors.torch.save_file``'s (tests/unit/test_hf_stream.py checks that against the library).
+``safetensors.torch.save_file``'s (tests/integration/test_hf_streaming.py checks that against the library).
 """
 
 from __future__ import annotations
