@@ -10,14 +10,13 @@ is refused with a one-line CheckpointError.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from pretrain.config import Config
 from pretrain.errors import CheckpointError, ConfigError
-from pretrain.hf.common import split_qkv
-from pretrain.models.layer_names import EXTRA_STATE
+from pretrain.hf.common import OurTensors, split_qkv
 
 #: Our post-LN BERT's norm tensors (prefixes of .weight / .bias) -> Hugging Face's. ``{i}`` is the layer.
 POST_LN_NAMES = {
@@ -78,24 +77,17 @@ def bert_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: to
     }
 
 
-def bert_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: int, vocab_size: int,
-                    tie_embeddings: bool, nsp: bool) -> dict[str, torch.Tensor]:
-    """Our post-LN BertModel's full state dict -> BertForPreTraining's (fresh contiguous tensors)."""
-    ours = {name: value for name, value in state.items() if not name.endswith(EXTRA_STATE)}
-    if "encoder.layers.0.input_layernorm.weight" in ours or "encoder.final_layernorm.weight" in ours:
+def bert_tensors(ours: OurTensors, num_layers: int, num_heads: int, vocab_size: int, tie_embeddings: bool,
+                 nsp: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """BertForPreTraining's tensors (BertForMaskedLM's without NSP) from our post-LN BertModel's (``ours``: read
+    one at a time), yielded one at a time in file order."""
+    if "encoder.layers.0.input_layernorm.weight" in ours.left or "encoder.final_layernorm.weight" in ours.left:
         raise CheckpointError("this BERT is pre-LayerNorm (megatron-core's default layer); Hugging Face BERT is "
                               "post-LayerNorm (the paper's), so the weights cannot be exported as BertForPreTraining")
-
-    def take(name: str) -> torch.Tensor:
-        if name not in ours:
-            raise CheckpointError(f"model tensor {name} missing; cannot build Hugging Face BERT weights")
-        return ours.pop(name).detach()
-
-    out = {
-        "bert.embeddings.word_embeddings.weight": take("embedding.word_embeddings.weight")[:vocab_size],
-        "bert.embeddings.position_embeddings.weight": take("embedding.position_embeddings.weight"),
-        "bert.embeddings.token_type_embeddings.weight": take("embedding.tokentype_embeddings.weight"),
-    }
+    take = ours.take
+    yield "bert.embeddings.word_embeddings.weight", take("embedding.word_embeddings.weight")[:vocab_size]
+    yield "bert.embeddings.position_embeddings.weight", take("embedding.position_embeddings.weight")
+    yield "bert.embeddings.token_type_embeddings.weight", take("embedding.tokentype_embeddings.weight")
     prefixes = {**POST_LN_NAMES, **COPIED_NAMES}
     layer_templates = {k: v for k, v in prefixes.items() if "{i}" in k}
     model_templates = {k: v for k, v in prefixes.items() if "{i}" not in k}
@@ -105,27 +97,27 @@ def bert_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: 
              for ours_t, hf_t in layer_templates.items()] + list(model_templates.items())
     for ours_prefix, hf_prefix in pairs:
         for kind in ("weight", "bias"):
-            out[f"{hf_prefix}.{kind}"] = take(f"{ours_prefix}.{kind}")
+            yield f"{hf_prefix}.{kind}", take(f"{ours_prefix}.{kind}")
     for i in range(num_layers):
         hf = f"bert.encoder.layer.{i}.attention.self."
         qkv = f"encoder.layers.{i}.self_attention.linear_qkv."
         for kind in ("weight", "bias"):
             q, k, v = split_qkv(take(qkv + kind), num_heads, num_heads)  # [h, h] / [h] each, heads in order
-            out[hf + "query." + kind], out[hf + "key." + kind], out[hf + "value." + kind] = q, k, v
-    out["cls.predictions.bias"] = take("output_layer.bias")[:vocab_size]  # HF ties decoder.bias to it on load
+            yield hf + "query." + kind, q
+            yield hf + "key." + kind, k
+            yield hf + "value." + kind, v
+    yield "cls.predictions.bias", take("output_layer.bias")[:vocab_size]  # HF ties decoder.bias to it on load
     if not tie_embeddings:
-        out["cls.predictions.decoder.weight"] = take("output_layer.weight")[:vocab_size]
-    if ours:
-        raise CheckpointError(f"model tensor {next(iter(ours))} has no Hugging Face BERT counterpart "
-                              f"({len(ours)} such); cannot export")
-    return {name: t.contiguous().clone() for name, t in out.items()}
+        yield "cls.predictions.decoder.weight", take("output_layer.weight")[:vocab_size]
+    ours.check_all_taken()
 
 
-def convert(loaded, tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, safetensors tensors) for a loaded BERT (pretrain.inference.loading.LoadedModel)."""
+def convert(loaded, tokenizer, read: Callable[[str], torch.Tensor]) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(config.json, tensors one at a time) for a BERT checkpoint ``loaded`` (its model on the meta device will
+    do); ``read(name)`` gives our whole tensor ``name``."""
     cfg, model = loaded.cfg, loaded.model
     dtype = next(model.parameters()).dtype
     config = bert_config(cfg, model.config, tokenizer.vocab_size, tokenizer, dtype)
-    tensors = bert_state_dict(model.state_dict(), cfg.model.num_layers, cfg.model.num_attention_heads,
-                              tokenizer.vocab_size, cfg.model.tie_embeddings, cfg.model.nsp)
-    return config, tensors
+    ours = OurTensors(model.state_dict(), read, "Hugging Face BERT")
+    return config, bert_tensors(ours, cfg.model.num_layers, cfg.model.num_attention_heads, tokenizer.vocab_size,
+                                cfg.model.tie_embeddings, cfg.model.nsp)

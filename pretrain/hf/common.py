@@ -1,14 +1,17 @@
 """Pieces every Hugging Face conversion shares: megatron-core's fused QKV split per key/value group, the tokenizer
-files, the model card, and the safetensors file."""
+files, the model card, and the reading of our tensors one at a time (:class:`OurTensors`)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
+
+from pretrain.errors import CheckpointError
+from pretrain.models.layer_names import EXTRA_STATE
 
 
 def split_qkv(weight: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, ...]:
@@ -68,45 +71,25 @@ def model_card(config: dict, source: Path) -> str:
             "default) needs `protobuf` to convert tokenizer.model; `use_fast=False` does not.\n")
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``tensors`` as a safetensors file at ``path`` (metadata format pt, as transformers writes), readable by all
-    like any other file the export writes."""
-    from safetensors.torch import save_file
+class OurTensors:
+    """Our model's tensors as a conversion takes them: ``take(name)`` reads each one when it is needed (``read``),
+    once; a missing name, or one never taken (no place in the Hugging Face model, ``check_all_taken``), is a
+    one-line CheckpointError naming it. ``names``: every tensor of ours (megatron's ``_extra_state`` ignored)."""
 
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual permissions
+    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor], target: str):
+        self.left = dict.fromkeys(n for n in names if not n.endswith(EXTRA_STATE))
+        self.read, self.target = read, target
 
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.left:
+            raise CheckpointError(f"model tensor {name} missing; cannot build {self.target} weights")
+        del self.left[name]
+        return self.read(name).detach()
 
-def save_sharded(tensors: dict[str, torch.Tensor], output: Path, max_shard_bytes: int) -> int:
-    """``tensors`` as model.safetensors, or, above ``max_shard_bytes``, as model-0000i-of-0000n.safetensors shards
-    (in the tensors' order, each at most ``max_shard_bytes`` unless one tensor alone is larger) with
-    model.safetensors.index.json mapping each tensor to its file, the layout transformers' save_pretrained writes
-    and from_pretrained reads. Returns the number of files."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    for stale in [*output.glob("model*.safetensors"), output / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)  # a re-export must not leave another shard count's files behind
-    if len(shards) == 1:
-        save_safetensors(tensors, output / "model.safetensors")
-        return 1
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, output / name)
-        weight_map.update({tensor: name for tensor in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return len(shards)
+    def check_all_taken(self) -> None:
+        if self.left:
+            raise CheckpointError(f"model tensor {next(iter(self.left))} has no {self.target} counterpart "
+                                  f"({len(self.left)} such); cannot export")
 
 
 def generation_config(config: dict) -> dict:

@@ -1,21 +1,20 @@
 """GPT -> Hugging Face ``GPT2LMHeadModel`` (config.json written here: no transformers import at export time).
 
-The model comes whole from pretrain.inference.loading.load_model, whatever TP/PP layout saved it, so the conversion
-only ever sees full (unsharded) megatron-core tensors under their canonical names. Where GPT-2 cannot express our
+The conversion reads our tensors one at a time, whole (unsharded, under their canonical names) whatever TP/PP layout
+saved them (pretrain.inference.loading.tensor_reader), and yields GPT-2's one at a time. Where GPT-2 cannot express our
 model (SwiGLU, RMSNorm, grouped-query attention, no biases; rotary GPTs go to llama.py) the export is refused
 with a one-line ConfigError naming the config key, before any weight is loaded (``check``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from pretrain.config import Config
-from pretrain.errors import CheckpointError, ConfigError
-from pretrain.hf.common import split_qkv
-from pretrain.models.layer_names import EXTRA_STATE
+from pretrain.errors import ConfigError
+from pretrain.hf.common import OurTensors, split_qkv
 
 #: Our model.activation -> GPT-2's activation_function. gelu_new is GPT-2's tanh approximation (same formula as
 #: torch's approximate="tanh"; the two differ by float rounding only).
@@ -80,57 +79,48 @@ def gpt2_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: to
     }
 
 
-def gpt2_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: int, vocab_size: int,
-                    tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Our GPTModel's full state dict -> GPT2LMHeadModel's, as fresh contiguous tensors (safetensors refuses
-    shared storage). Every tensor of ours must find a place, else CheckpointError names the first stray one."""
-    ours = {name: value for name, value in state.items() if not name.endswith(EXTRA_STATE)}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in ours:
-            raise CheckpointError(f"model tensor {name} missing; cannot build GPT2LMHeadModel weights")
-        return ours.pop(name).detach()
+def gpt2_tensors(ours: OurTensors, num_layers: int, num_heads: int,
+                 vocab_size: int, tie_embeddings: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPT2LMHeadModel's tensors from our GPTModel's (``ours``: read one at a time), yielded one at a time in file
+    order, each computed only when asked for. Every tensor of ours must find a place, else CheckpointError names
+    the first stray one (after the last yield)."""
+    take = ours.take
 
     def conv1d(linear_weight: torch.Tensor) -> torch.Tensor:
         return linear_weight.t()  # nn.Linear [out, in] -> GPT-2's Conv1D [in, out]
 
-    out = {
-        "transformer.wte.weight": take("embedding.word_embeddings.weight")[:vocab_size],  # drop TP padding rows
-        "transformer.wpe.weight": take("embedding.position_embeddings.weight"),
-    }
+    yield "transformer.wte.weight", take("embedding.word_embeddings.weight")[:vocab_size]  # drop TP padding rows
+    yield "transformer.wpe.weight", take("embedding.position_embeddings.weight")
     for i in range(num_layers):
         ours_layer, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
         for norm, hf_norm in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
             for kind in ("weight", "bias"):
-                out[f"{hf}{hf_norm}.{kind}"] = take(f"{ours_layer}{norm}.{kind}")
-        qkv_weight = take(f"{ours_layer}self_attention.linear_qkv.weight")  # [3h, h]
-        qkv_bias = take(f"{ours_layer}self_attention.linear_qkv.bias")  # [3h]
+                yield f"{hf}{hf_norm}.{kind}", take(f"{ours_layer}{norm}.{kind}")
         # GPT-2's c_attn output is [q (all heads) | k | v], each [h] in head order.
-        out[f"{hf}attn.c_attn.weight"] = conv1d(torch.cat(split_qkv(qkv_weight, num_heads, num_heads)))  # [h, 3h]
-        out[f"{hf}attn.c_attn.bias"] = torch.cat(split_qkv(qkv_bias, num_heads, num_heads))
-        out[f"{hf}attn.c_proj.weight"] = conv1d(take(f"{ours_layer}self_attention.linear_proj.weight"))
-        out[f"{hf}attn.c_proj.bias"] = take(f"{ours_layer}self_attention.linear_proj.bias")
-        out[f"{hf}mlp.c_fc.weight"] = conv1d(take(f"{ours_layer}mlp.linear_fc1.weight"))  # [h, f]
-        out[f"{hf}mlp.c_fc.bias"] = take(f"{ours_layer}mlp.linear_fc1.bias")
-        out[f"{hf}mlp.c_proj.weight"] = conv1d(take(f"{ours_layer}mlp.linear_fc2.weight"))  # [f, h]
-        out[f"{hf}mlp.c_proj.bias"] = take(f"{ours_layer}mlp.linear_fc2.bias")
-    out["transformer.ln_f.weight"] = take("decoder.final_layernorm.weight")
-    out["transformer.ln_f.bias"] = take("decoder.final_layernorm.bias")
+        qkv_weight = take(f"{ours_layer}self_attention.linear_qkv.weight")  # [3h, h]
+        yield f"{hf}attn.c_attn.weight", conv1d(torch.cat(split_qkv(qkv_weight, num_heads, num_heads)))  # [h, 3h]
+        qkv_bias = take(f"{ours_layer}self_attention.linear_qkv.bias")  # [3h]
+        yield f"{hf}attn.c_attn.bias", torch.cat(split_qkv(qkv_bias, num_heads, num_heads))
+        yield f"{hf}attn.c_proj.weight", conv1d(take(f"{ours_layer}self_attention.linear_proj.weight"))
+        yield f"{hf}attn.c_proj.bias", take(f"{ours_layer}self_attention.linear_proj.bias")
+        yield f"{hf}mlp.c_fc.weight", conv1d(take(f"{ours_layer}mlp.linear_fc1.weight"))  # [h, f]
+        yield f"{hf}mlp.c_fc.bias", take(f"{ours_layer}mlp.linear_fc1.bias")
+        yield f"{hf}mlp.c_proj.weight", conv1d(take(f"{ours_layer}mlp.linear_fc2.weight"))  # [f, h]
+        yield f"{hf}mlp.c_proj.bias", take(f"{ours_layer}mlp.linear_fc2.bias")
+    yield "transformer.ln_f.weight", take("decoder.final_layernorm.weight")
+    yield "transformer.ln_f.bias", take("decoder.final_layernorm.bias")
     if not tie_embeddings:  # tied: GPT2LMHeadModel re-ties lm_head to wte on load; the file holds wte only
-        out["lm_head.weight"] = take("output_layer.weight")[:vocab_size]
-    if ours:
-        raise CheckpointError(f"model tensor {next(iter(ours))} has no GPT-2 counterpart ({len(ours)} such); "
-                              "cannot export as GPT2LMHeadModel")
-    return {name: t.contiguous().clone() for name, t in out.items()}
+        yield "lm_head.weight", take("output_layer.weight")[:vocab_size]
+    ours.check_all_taken()
 
 
-def convert(loaded, tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, tensors) of the GPT2LMHeadModel equal to the loaded GPT checkpoint."""
+def convert(loaded, tokenizer, read: Callable[[str], torch.Tensor]) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(config.json, tensors one at a time) of the GPT2LMHeadModel equal to the GPT checkpoint ``loaded``
+    (pretrain.inference.loading.LoadedModel, its model on the meta device will do); ``read(name)`` gives our
+    whole tensor ``name``."""
     cfg, model = loaded.cfg, loaded.model
     dtype = next(model.parameters()).dtype
     config = gpt2_config(cfg, model.config, tokenizer.vocab_size, tokenizer, dtype)
-    tensors = gpt2_state_dict(model.state_dict(), cfg.model.num_layers, cfg.model.num_attention_heads,
-                              tokenizer.vocab_size, cfg.model.tie_embeddings)
-    return config, tensors
-
-
+    ours = OurTensors(model.state_dict(), read, "GPT2LMHeadModel")
+    return config, gpt2_tensors(ours, cfg.model.num_layers, cfg.model.num_attention_heads, tokenizer.vocab_size,
+                                cfg.model.tie_embeddings)

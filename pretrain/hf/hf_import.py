@@ -100,8 +100,11 @@ def check_config(cfg: Config, hf: dict[str, Any], model_dir: Path) -> None:
 
 
 class HFTensors:
-    """The tensors of a HF directory (model.safetensors, or the shards its index names), memory-mapped: ``get``
-    reads one tensor."""
+    """The tensors of a HF directory (model.safetensors, or the shards its index names): ``get`` reads one tensor.
+
+    Each read opens its file anew (safetensors memory-maps it, reading only the header) and closes it: pages a
+    mapping has read stay in the resident set while it is open, so one long-lived handle would grow RSS by the
+    file's size over the import; an open costs well under a millisecond."""
 
     def __init__(self, model_dir: Path):
         from safetensors import safe_open
@@ -114,14 +117,19 @@ class HFTensors:
         else:
             raise CheckpointError(f"{model_dir}: no model.safetensors (nor index); save the model with "
                                   "safe_serialization=True")
-        self.handles = {f: safe_open(str(model_dir / f), framework="pt") for f in files}
-        self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
+        self.where = {}
+        for file in files:
+            with safe_open(str(model_dir / file), framework="pt") as handle:
+                self.where.update(dict.fromkeys(handle.keys(), file))
         self.model_dir = model_dir
 
     def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         if name not in self.where:
             raise CheckpointError(f"{self.model_dir}: tensor {name} missing")
-        return self.handles[self.where[name]].get_tensor(name)
+        with safe_open(str(self.model_dir / self.where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)  # a copy of its own: the mapping closes here
 
 
 def _layer_of(name: str) -> tuple[int, str]:
@@ -232,6 +240,11 @@ def hf_initializer(model_dir: Path, hf_config: dict) -> Callable[[list[torch.nn.
     return init
 
 
+def _weights_bytes(model_dir: Path) -> int:
+    """Bytes of the HF directory's safetensors files (the weights and their small headers)."""
+    return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors"))
+
+
 def import_hf(model_dir: str | Path, cfg: Config) -> int:
     """Build the run ``cfg`` describes with the HF weights of ``model_dir`` and save it as step_0 under its
     checkpoint directory; returns 0. One process, or every rank of a torchrun / srun launch."""
@@ -240,9 +253,12 @@ def import_hf(model_dir: str | Path, cfg: Config) -> int:
     from pretrain.parallel import env
     from pretrain.train import build, start
 
+    from pretrain.hf.stream import PeakRSS
+
     model_dir = Path(model_dir)
     hf_config = read_hf_config(model_dir)
     check_config(cfg, hf_config, model_dir)  # before any process group or weight
+    memory = PeakRSS()
     dims, device = start(cfg)
     try:
         trainer = build(cfg, dims, device, init=hf_initializer(model_dir, hf_config))
@@ -254,7 +270,8 @@ def import_hf(model_dir: str | Path, cfg: Config) -> int:
             trainer.watchdog.close()
         if dist.get_rank() == 0:
             print(f"import hf: {hf_config.get('architectures', ['?'])[0]} from {model_dir} -> "
-                  f"{trainer.checkpoints.path(0)} (layout {trainer.checkpoints.layout})")
+                  f"{trainer.checkpoints.path(0)} (layout {trainer.checkpoints.layout}; rank 0: "
+                  f"{memory.summary(_weights_bytes(model_dir))})")
     finally:
         env.shutdown()
     return 0

@@ -17,14 +17,13 @@ tests/integration/test_llama_hf.py if got wrong):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from pretrain.config import Config, ModelConfig
-from pretrain.errors import CheckpointError, ConfigError
-from pretrain.hf.common import split_qkv
-from pretrain.models.layer_names import EXTRA_STATE
+from pretrain.errors import ConfigError
+from pretrain.hf.common import OurTensors, split_qkv
 
 #: Our per-layer tensors copied as they are -> Hugging Face's (``{i}`` is the layer).
 LAYER_NAMES = {
@@ -84,42 +83,38 @@ def llama_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: t
     }
 
 
-def llama_state_dict(state: dict[str, torch.Tensor], num_layers: int, num_heads: int, num_groups: int,
-                     vocab_size: int, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Our Llama-shaped GPTModel's full state dict -> LlamaForCausalLM's (fresh contiguous tensors). Every tensor of
-    ours must find a place, else CheckpointError names the first stray one."""
-    ours = {name: value for name, value in state.items() if not name.endswith(EXTRA_STATE)}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in ours:
-            raise CheckpointError(f"model tensor {name} missing; cannot build LlamaForCausalLM weights")
-        return ours.pop(name).detach()
-
-    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab_size]}  # drop TP padding
+def llama_tensors(ours: OurTensors, num_layers: int, num_heads: int, num_groups: int, vocab_size: int,
+                  tie_embeddings: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """LlamaForCausalLM's tensors from our Llama-shaped GPTModel's (``ours``: read one at a time), yielded one at
+    a time in file order. Every tensor of ours must find a place, else CheckpointError names the first stray one."""
+    take = ours.take
+    yield "model.embed_tokens.weight", take("embedding.word_embeddings.weight")[:vocab_size]  # drop TP padding
     for i in range(num_layers):
         for template, hf_template in LAYER_NAMES.items():
-            out[hf_template.format(i=i)] = take(template.format(i=i))
+            yield hf_template.format(i=i), take(template.format(i=i))
         hf = f"model.layers.{i}."
         q, k, v = split_qkv(take(f"decoder.layers.{i}.self_attention.linear_qkv.weight"), num_heads, num_groups)
-        out[hf + "self_attn.q_proj.weight"], out[hf + "self_attn.k_proj.weight"] = q, k  # [nh*d, h], [ng*d, h]
-        out[hf + "self_attn.v_proj.weight"] = v
+        yield hf + "self_attn.q_proj.weight", q  # [nh*d, h]
+        yield hf + "self_attn.k_proj.weight", k  # [ng*d, h]
+        yield hf + "self_attn.v_proj.weight", v
+        del q, k, v  # the fused weight is let go before the MLP's is read
         gate, up = take(f"decoder.layers.{i}.mlp.linear_fc1.weight").chunk(2, dim=0)  # [2f, h] -> [f, h] each
-        out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
-    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+        yield hf + "mlp.gate_proj.weight", gate
+        yield hf + "mlp.up_proj.weight", up
+        del gate, up
+    yield "model.norm.weight", take("decoder.final_layernorm.weight")
     if not tie_embeddings:  # tied: LlamaForCausalLM re-ties lm_head to embed_tokens on load
-        out["lm_head.weight"] = take("output_layer.weight")[:vocab_size]
-    if ours:
-        raise CheckpointError(f"model tensor {next(iter(ours))} has no LlamaForCausalLM counterpart ({len(ours)} "
-                              "such); cannot export")
-    return {name: t.contiguous().clone() for name, t in out.items()}
+        yield "lm_head.weight", take("output_layer.weight")[:vocab_size]
+    ours.check_all_taken()
 
 
-def convert(loaded, tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, tensors) of the LlamaForCausalLM equal to the loaded Llama-shaped GPT checkpoint."""
+def convert(loaded, tokenizer, read: Callable[[str], torch.Tensor]) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(config.json, tensors one at a time) of the LlamaForCausalLM equal to the Llama-shaped GPT checkpoint
+    ``loaded`` (its model on the meta device will do); ``read(name)`` gives our whole tensor ``name``."""
     cfg, model = loaded.cfg, loaded.model
     dtype = next(model.parameters()).dtype
     config = llama_config(cfg, model.config, tokenizer.vocab_size, tokenizer, dtype)
-    tensors = llama_state_dict(model.state_dict(), cfg.model.num_layers, cfg.model.num_attention_heads,
-                               cfg.model.num_query_groups or cfg.model.num_attention_heads, tokenizer.vocab_size,
-                               cfg.model.tie_embeddings)
-    return config, tensors
+    ours = OurTensors(model.state_dict(), read, "LlamaForCausalLM")
+    return config, llama_tensors(ours, cfg.model.num_layers, cfg.model.num_attention_heads,
+                                 cfg.model.num_query_groups or cfg.model.num_attention_heads, tokenizer.vocab_size,
+                                 cfg.model.tie_embeddings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -18,7 +19,7 @@ from pretrain import device as device_layer
 from pretrain import models
 from pretrain.errors import CheckpointError
 from pretrain.checkpoint.format import MARKER, complete_steps, read_marker, step_path
-from pretrain.checkpoint.consolidate import consolidated_state_dict, model_file
+from pretrain.checkpoint.consolidate import ConsolidatedTensors, consolidated_state_dict, model_file
 from pretrain.checkpoint.safe_load import load_checkpoint_file, safe_torch_load
 from pretrain.config import Config
 
@@ -59,18 +60,8 @@ def load_model(path: str | Path) -> LoadedModel:
     consolidated from whatever tensor / pipeline layout saved them (fp32 gathered under ZeRO-3)."""
     path = resolve_checkpoint(path)
     layout = read_marker(path)["layout"]
-    cfg = read_config(path)
-    cfg.parallel = config_mod.ParallelConfig()  # inference runs unsharded in one process
-    cfg.model.layer_spec = "auto"  # saved names do not depend on the spec: take what this machine can run
-    _init_single_process(cfg)
-    info = device_layer.detect(0, cfg.train.precision)
-    spec = models.get(cfg.model.family)
-    model = spec.build(cfg.model, cfg.parallel, info.dtype, _vocab_size(path, layout),
-                       document_masks=cfg.data.reset_at_eos)
-    # In the trained precision throughout, as DeepSpeed's engine holds it in training (module.bfloat16()): spec.build
-    # gives megatron-core's layers that dtype but torch's own (LayerNorm, position embedding) stay fp32, and a bf16
-    # checkpoint's forward then fails in the first matmul of mixed dtypes.
-    model = model.to(device=info.device, dtype=info.dtype)
+    cfg, spec, info, vocab_size = _prepare(path, layout)
+    model = _build(cfg, spec, info, vocab_size).to(info.device)
     target = model.state_dict()
     if layout["zero_stage"] == 3:
         state = _zero3_state_dict(path, layout)
@@ -83,6 +74,56 @@ def load_model(path: str | Path) -> LoadedModel:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]}")
     model.eval()
     return LoadedModel(model=model, cfg=cfg, spec=spec, device=info.device, path=path)
+
+
+def model_skeleton(path: str | Path) -> LoadedModel:
+    """The checkpoint's whole model built on the meta device: its names, shapes, dtype and megatron-core config,
+    no memory for weights (the streaming export reads those one at a time with :func:`tensor_reader`)."""
+    path = resolve_checkpoint(path)
+    cfg, spec, info, vocab_size = _prepare(path, read_marker(path)["layout"])
+    with torch.device("meta"):  # megatron-core allocates without a device argument on CPU (use_cpu_initialization)
+        model = _build(cfg, spec, info, vocab_size)
+    return LoadedModel(model=model.eval(), cfg=cfg, spec=spec, device=info.device, path=path)
+
+
+def tensor_reader(loaded: LoadedModel) -> Callable[[str], torch.Tensor]:
+    """``read(name)``: the whole model's tensor ``name`` (state-dict name, any saved layout) as a fresh CPU tensor
+    of that tensor's dtype in ``loaded.model`` (the trained precision, as ``load_model`` holds it). Stages 0-2 read it alone from the memory-mapped per-rank files;
+    ZeRO-3 (tensor = pipeline = 1) is gathered whole first by DeepSpeed's zero_to_fp32, the one layout that is
+    not read one tensor at a time."""
+    path = loaded.path
+    layout = read_marker(path)["layout"]
+    like = {name: t for name, t in loaded.model.state_dict().items()
+            if torch.is_tensor(t) and not name.endswith("_extra_state")}
+    if layout["zero_stage"] == 3:
+        state = _zero3_state_dict(path, layout)
+
+        def read(name: str) -> torch.Tensor:
+            if name not in state:
+                raise CheckpointError(f"{path}: checkpoint lacks model tensor {name}")
+            return state.pop(name).to(like[name].dtype)
+        return read
+    tensors = ConsolidatedTensors(path, layout, {name: tuple(t.shape) for name, t in like.items()},
+                                  loaded.cfg.model.num_layers, gated_mlp=loaded.cfg.model.activation == "swiglu")
+    return lambda name: tensors.get(name).to(like[name].dtype)
+
+
+def _prepare(path: Path, layout: dict) -> tuple[Config, models.ModelSpec, device_layer.DeviceInfo, int]:
+    """(config for one process, model spec, device, padded vocabulary) of a checkpoint; a one-process group."""
+    cfg = read_config(path)
+    cfg.parallel = config_mod.ParallelConfig()  # inference runs unsharded in one process
+    cfg.model.layer_spec = "auto"  # saved names do not depend on the spec: take what this machine can run
+    _init_single_process(cfg)
+    info = device_layer.detect(0, cfg.train.precision)
+    return cfg, models.get(cfg.model.family), info, _vocab_size(path, layout)
+
+
+def _build(cfg: Config, spec: models.ModelSpec, info: device_layer.DeviceInfo, vocab_size: int) -> torch.nn.Module:
+    """The model in the trained precision throughout, as DeepSpeed's engine held it in training (module.bfloat16()):
+    spec.build gives megatron-core's layers that dtype but torch's own (LayerNorm, learned positions) stay fp32, and
+    a bf16 checkpoint's forward then failed in the first matmul of mixed dtypes."""
+    model = spec.build(cfg.model, cfg.parallel, info.dtype, vocab_size, document_masks=cfg.data.reset_at_eos)
+    return model.to(dtype=info.dtype)
 
 
 def _vocab_size(path: Path, layout: dict) -> int:
