@@ -63,6 +63,19 @@ class ModelConfig:
     #: Base of the rotary position frequencies (10000 in Llama 2, 500000 in Llama 3); needs
     #: position_embedding=rope.
     rope_theta: float = 10000.0
+    #: Llama 3.1-style rotary frequency scaling (HF config.json ``rope_scaling`` with ``rope_type: llama3``):
+    #: HF's ``factor``; 0 = no scaling. Wavelengths longer than rope_original_max_position_embeddings /
+    #: rope_low_freq_factor are stretched by this factor, those shorter than .../rope_high_freq_factor kept, those
+    #: between interpolated (megatron-core's RotaryEmbedding._apply_scaling). Llama 3.1: 8, Llama 3.2: 32. GPT with
+    #: position_embedding=rope only.
+    rope_scaling_factor: float = 0.0
+    #: HF ``rope_scaling.low_freq_factor`` (Llama 3.1 / 3.2: 1); used when rope_scaling_factor > 0.
+    rope_low_freq_factor: float = 1.0
+    #: HF ``rope_scaling.high_freq_factor`` (Llama 3.1 / 3.2: 4); must exceed rope_low_freq_factor.
+    rope_high_freq_factor: float = 4.0
+    #: HF ``rope_scaling.original_max_position_embeddings``: the context the unscaled model was trained at
+    #: (Llama 3.1 / 3.2: 8192).
+    rope_original_max_position_embeddings: int = 8192
     #: Tie input embedding and output projection (GPT-2 does).
     tie_embeddings: bool = True
     #: GPT layer implementation: auto (Transformer Engine's fused layers on CUDA when TE imports and the run needs

@@ -39,6 +39,17 @@ def validate(cfg: Config) -> None:
              "model.num_query_groups", f"{m.num_query_groups} must be 0 (one per head) or divide "
              f"model.num_attention_heads {m.num_attention_heads}")
     _require(0 < m.rope_theta < math.inf, "model.rope_theta", f"must be a finite number > 0, got {m.rope_theta}")
+    _require(m.rope_scaling_factor == 0 or 1 <= m.rope_scaling_factor < math.inf, "model.rope_scaling_factor",
+             f"must be 0 (no scaling) or a finite number >= 1, got {m.rope_scaling_factor}")
+    if m.rope_scaling_factor:
+        _require(m.family == "gpt" and m.position_embedding == "rope", "model.rope_scaling_factor",
+                 f"{m.rope_scaling_factor} needs model.family=gpt and model.position_embedding=rope, got "
+                 f"{m.family} and {m.position_embedding}")
+        _require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor < math.inf, "model.rope_high_freq_factor",
+                 f"must exceed model.rope_low_freq_factor > 0 (got low {m.rope_low_freq_factor}, high "
+                 f"{m.rope_high_freq_factor})")
+        _require(m.rope_original_max_position_embeddings > 0, "model.rope_original_max_position_embeddings",
+                 f"must be > 0, got {m.rope_original_max_position_embeddings}")
     if m.family != "gpt":
         for key, value, default in [("normalization", m.normalization, "layernorm"),
                                     ("num_query_groups", m.num_query_groups, 0),

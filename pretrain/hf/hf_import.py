@@ -69,8 +69,8 @@ def expected_fields(cfg: Config, hf: dict[str, Any]) -> list[tuple[str, Any, str
                 ("activation", m.activation, "hidden_act", "swiglu" if hf.get("hidden_act") == "silu" else
                  hf.get("hidden_act")),
                 ("add_bias_linear", m.add_bias_linear, "attention_bias", hf.get("attention_bias", False)),
-                ("position_embedding", m.position_embedding, "rope_scaling", "rope" if not hf.get("rope_scaling")
-                 else f"rope with scaling {hf['rope_scaling']} (not supported)"),
+                ("position_embedding", m.position_embedding, "model_type", "rope"),
+                *llama.rope_scaling_fields(m, hf),
                 ("normalization", m.normalization, "model_type", "rmsnorm")]
     if kind == "bert":
         nsp = "BertForMaskedLM" not in hf.get("architectures", ["BertForPreTraining"])

@@ -34,6 +34,35 @@ LAYER_NAMES = {
 }
 
 
+#: Our rope scaling keys -> the keys of HF's ``rope_scaling`` (``rope_type: llama3``, transformers >= 4.43).
+ROPE_SCALING_KEYS = {"rope_scaling_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+                     "rope_high_freq_factor": "high_freq_factor",
+                     "rope_original_max_position_embeddings": "original_max_position_embeddings"}
+
+
+def rope_scaling(model: ModelConfig) -> dict[str, Any] | None:
+    """config.json's ``rope_scaling`` for our model: Llama 3.1's ``llama3`` scaling when model.rope_scaling_factor
+    is set, else None (plain RoPE)."""
+    if not model.rope_scaling_factor:
+        return None
+    return {"rope_type": "llama3", **{theirs: getattr(model, ours) for ours, theirs in ROPE_SCALING_KEYS.items()}}
+
+
+def rope_scaling_fields(model: ModelConfig, hf: dict[str, Any]) -> list[tuple[str, Any, str, Any]]:
+    """(our key, our value, HF key, HF value) that must agree for HF's ``rope_scaling`` (none, or ``llama3``; its
+    older spelling ``type`` accepted); a one-line ConfigError for another scaling type (linear, dynamic, yarn...),
+    which our rotary embedding does not compute."""
+    scaling = hf.get("rope_scaling")
+    if not scaling:
+        return [("rope_scaling_factor", model.rope_scaling_factor or None, "rope_scaling", None)]
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ConfigError(f"rope_scaling.rope_type={kind!r} in config.json: import supports rope_type 'llama3' "
+                          "(Llama 3.1 / 3.2) or no rope_scaling")
+    return [(ours, getattr(model, ours), f"rope_scaling.{theirs}", scaling.get(theirs))
+            for ours, theirs in ROPE_SCALING_KEYS.items()]
+
+
 def is_llama_shaped(model: ModelConfig) -> bool:
     """A GPT with rotary positions exports (and imports) as Llama; learned positions as GPT-2."""
     return model.position_embedding == "rope"
@@ -71,7 +100,7 @@ def llama_config(cfg: Config, mcore_config, vocab_size: int, tokenizer, dtype: t
         "initializer_range": model.init_method_std,
         "rms_norm_eps": model.layernorm_epsilon,
         "rope_theta": model.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling(model),
         "attention_bias": False,
         "attention_dropout": model.attention_dropout,
         "tie_word_embeddings": model.tie_embeddings,

@@ -200,8 +200,9 @@ def build(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, vocab_
 
 def model_from_spec(cfg: ModelConfig, config: TransformerConfig, spec, vocab_size: int, pre_process: bool = True,
                     post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
-    """GPTModel with the layer ``spec`` given, saving under canonical parameter names."""
-    return install_canonical_names(GPTModel(
+    """GPTModel with the layer ``spec`` given, saving under canonical parameter names; with
+    ``model.rope_scaling_factor``, Llama 3.1-style scaled rotary frequencies (:func:`scale_rope`)."""
+    model = install_canonical_names(GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -213,6 +214,25 @@ def model_from_spec(cfg: ModelConfig, config: TransformerConfig, spec, vocab_siz
         rotary_base=cfg.rope_theta,  # megatron-core's type hint says int; the frequencies are computed in float
         vp_stage=vp_stage,
     ))
+    if cfg.rope_scaling_factor:
+        scale_rope(model, cfg)
+    return model
+
+
+def scale_rope(model: GPTModel, cfg: ModelConfig) -> None:
+    """Replace the model's rotary inverse frequencies with Llama 3.1's scaled ones (HF ``rope_type: llama3``),
+    computed by megatron-core's own ``RotaryEmbedding._apply_scaling`` from the unscaled ones.
+
+    GPTModel's ``rope_scaling=True`` passes only the factor and keeps low/high frequency factors 1 and 4 and an
+    original context of 8192 fixed; Llama 3.2 and models adapted to other contexts need them as configured. The
+    frequencies are a plain attribute (not saved in checkpoints: megatron-core drops ``inv_freq`` from state dicts),
+    read at every forward, so setting them once after construction is enough.
+    """
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
 
 
 def batch_fn(rows: np.ndarray, device: torch.device, eos_id: int | None = None,

@@ -75,10 +75,10 @@ def test_dry_run_builds_nothing_distributed():
 
 
 @pytest.mark.parametrize("config, world, params, dp", [
-    # Meta's published counts: Llama 3.2 1B 1,235,814,400 (tied); Llama 3 8B 8,030,261,248, here + 2 x 256 x 4096
+    # Meta's published counts: Llama 3.2 1B 1,235,814,400 (tied); Llama 3 / 3.1 8B 8,030,261,248, here + 2 x 256 x 4096
     # for the vocabulary padded to 128512 at TP 4 (input and untied output rows).
     ("configs/llama/3.2-1b.yaml", 8, "1,235,814,400", "8"),
-    ("configs/llama/3-8b.yaml", 64, "8,032,358,400", "16"),
+    ("configs/llama/3.1-8b.yaml", 64, "8,032,358,400", "16"),
 ])
 def test_llama_presets_plan_with_metas_parameter_counts(config, world, params, dp):
     result = run_cli("train", config, "--dry-run", "--world-size", str(world), timeout=120)

@@ -177,6 +177,12 @@ def test_optimizer_and_init_ranges(override, key):
 @pytest.mark.parametrize("overrides, key", [
     (["--model.num_query_groups=3"], "model.num_query_groups"),  # does not divide 4 heads
     (["--model.rope_theta=0"], "model.rope_theta"),
+    (["--model.rope_scaling_factor=8"], "model.rope_scaling_factor"),  # learned positions: nothing to scale
+    (["--model.position_embedding=rope", "--model.rope_scaling_factor=0.5"], "model.rope_scaling_factor"),
+    (["--model.position_embedding=rope", "--model.rope_scaling_factor=8", "--model.rope_high_freq_factor=1"],
+     "model.rope_high_freq_factor"),  # not above the low frequency factor (1)
+    (["--model.position_embedding=rope", "--model.rope_scaling_factor=8",
+      "--model.rope_original_max_position_embeddings=0"], "model.rope_original_max_position_embeddings"),
     (["--model.family=bert", "--model.normalization=rmsnorm"], "model.normalization"),  # GPT options only
     (["--model.family=bert", "--model.add_bias_linear=false"], "model.add_bias_linear"),
 ])
@@ -185,12 +191,16 @@ def test_llama_options_are_checked(overrides, key):
 
 
 @pytest.mark.parametrize("name, layers, hidden, groups", [
-    ("tiny", 4, 192, 2), ("3.2-1b", 16, 2048, 8), ("3-8b", 32, 4096, 8)])
+    ("tiny", 4, 192, 2), ("3.2-1b", 16, 2048, 8), ("3.1-8b", 32, 4096, 8)])
 def test_llama_presets_load(name, layers, hidden, groups):
     m = load(REPO / "configs" / "llama" / f"{name}.yaml", []).model
     assert (m.num_layers, m.hidden_size, m.num_query_groups) == (layers, hidden, groups)
     assert (m.normalization, m.activation, m.position_embedding, m.add_bias_linear) == \
         ("rmsnorm", "swiglu", "rope", False)
+    # Meta's config.json rope_scaling (rope_type llama3): none in the tiny model, 32 in 3.2 1B, 8 in 3.1 8B.
+    assert (m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+            m.rope_original_max_position_embeddings) == ({"tiny": 0.0, "3.2-1b": 32.0, "3.1-8b": 8.0}[name], 1.0, 4.0,
+                                                         8192)
 
 
 @pytest.mark.parametrize("override, key, shown", [

@@ -14,11 +14,15 @@ from pretrain.inference.generation import sample_next
 SEQ = 16
 
 
-@pytest.fixture(scope="module")
-def gpt(mcore_world1):
+@pytest.fixture(scope="module", params=["learned", "rope_scaled"])
+def gpt(mcore_world1, request):
+    """GPT-2 positions, or rotary ones with Llama 3.1 scaling (original context 8: with head size 8 one frequency
+    interpolated, three stretched), whose cached decoding must use the same scaled frequencies."""
     from pretrain.models.init import init_weights
 
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ)
+    rope = {"position_embedding": "rope", "rope_scaling_factor": 8.0, "rope_original_max_position_embeddings": 8}
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ,
+                      **(rope if request.param == "rope_scaled" else {}))
     model = models.gpt.build(cfg, ParallelConfig(), torch.float32, vocab_size=128)
     init_weights([model], seed=3, std=0.2, num_layers=2)  # a large std: logits far from uniform
     return model.eval()
