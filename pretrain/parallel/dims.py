@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pretrain.config import Config
 from pretrain.errors import ConfigError
@@ -71,27 +69,3 @@ class ParallelDims:
                 f"train.global_batch_size ({global_batch_size}) is not divisible by train.micro_batch_size "
                 f"({micro_batch_size}) x data-parallel size ({self.data}) = {per_step}")
         return global_batch_size // per_step
-
-
-class DeepSpeedMpu:
-    """The ``mpu`` object DeepSpeed asks for, answered from megatron-core's parallel_state.
-
-    DeepSpeed's "model parallel" group is every rank holding a different piece of one model replica (TP x PP);
-    it uses it for TP-aware gradient norms and for checkpoint file names (mp_rank_XX).
-    """
-
-    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
-    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
-    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
-    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
-
-    @staticmethod
-    def get_model_parallel_rank() -> int:
-        return dist.get_rank(group=parallel_state.get_model_parallel_group())
-
-    @staticmethod
-    def get_model_parallel_world_size() -> int:
-        return dist.get_world_size(group=parallel_state.get_model_parallel_group())

@@ -19,8 +19,32 @@ from pretrain import device
 from pretrain.config import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel import grads
-from pretrain.parallel.dims import DeepSpeedMpu, ParallelDims
+from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.grads import main_grad
+
+
+class DeepSpeedMpu:
+    """The ``mpu`` object DeepSpeed asks for, answered from megatron-core's parallel_state.
+
+    DeepSpeed's "model parallel" group is every rank holding a different piece of one model replica (TP x PP);
+    it uses it for TP-aware gradient norms and for checkpoint file names (mp_rank_XX).
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: torch.dtype) -> dict:

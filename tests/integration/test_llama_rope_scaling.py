@@ -96,6 +96,7 @@ def compare(out: Path) -> dict:
     from pretrain import config as config_io, device
     from pretrain.errors import ConfigError
     from pretrain.hf import hf_import, llama
+    from pretrain.hf.common import OurTensors
     from pretrain.models import gpt
     from pretrain.parallel.env import free_port
 
@@ -112,8 +113,10 @@ def compare(out: Path) -> dict:
     (out / "config.json").write_text(json.dumps(config))
     hf_config = transformers.AutoConfig.from_pretrained(out)
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    tensors = llama.llama_state_dict(model.state_dict(), cfg.model.num_layers, cfg.model.num_attention_heads,
-                                     cfg.model.num_query_groups, vocab, cfg.model.tie_embeddings)
+    state = model.state_dict()
+    ours = OurTensors(state, state.__getitem__, "LlamaForCausalLM")
+    tensors = dict(llama.llama_tensors(ours, cfg.model.num_layers, cfg.model.num_attention_heads,
+                                       cfg.model.num_query_groups, vocab, cfg.model.tie_embeddings))
     hf.load_state_dict(tensors, strict=True)
     tokens = torch.randint(0, vocab, (2, s), generator=torch.Generator().manual_seed(0))  # [2, s]
     with torch.no_grad():
