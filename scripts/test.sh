@@ -5,7 +5,8 @@
 # Three pytest workers (pytest-xdist) by default on the 2-core machine: most of a test is single-threaded Python
 # (imports, process start-up, small-model steps), and the Slurm and multi-node tests spend much of their time
 # waiting (timeouts, requeues, polls), which a third worker fills (about a minute less than two, measured).
-# --dist loadscope keeps each module on one worker, so its module-scoped trained runs are built once.
+# --dist loadscope keeps each module on one worker, so its module-scoped trained runs are built once; the modules go
+# out in tests/conftest.py's order (waiting ones, then slow ones first), not xdist's default by test count.
 # PYTEST_WORKERS=0 runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +28,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 workers=${PYTEST_WORKERS:-3}
 parallel=()
-if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadscope); fi
+if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadscope --no-loadscope-reorder); fi
 exec python3 -m pytest -q -p no:benchmark --timeout=900 "${parallel[@]}" "$@"

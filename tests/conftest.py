@@ -21,12 +21,23 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+#: Modules that spend much of their time waiting on daemons and hosts (Slurm requeues, rendezvous timeouts, polls):
+#: started first, their waits overlap the CPU-bound modules instead of ending the run alone.
+WAITING_MODULES = ("tests/multinode/", "tests/slurm/")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first (tests keep their order within a module). The two workers take whole modules
-    in collection order, so the long ones start early and the short ones fill in at the end, instead of a long
-    module starting last while the other worker idles."""
+    """Order modules for the workers (tests keep their order within a module): the waiting modules, then the other
+    modules with slow tests, then the rest. scripts/test.sh runs --dist loadscope --no-loadscope-reorder, so the
+    workers take whole modules in this order: the long ones start early and the short ones fill in at the end,
+    instead of a long module starting last while the other workers idle (xdist's default order is by test count)."""
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+    def rank(item) -> tuple[bool, bool]:
+        module = item.nodeid.split("::")[0]
+        return not module.startswith(WAITING_MODULES), module not in slow
+
+    items.sort(key=rank)
 
 
 #: Characters of held-out text the tests validate on: the opening of the first held-out play, ~150 sequences of 128
