@@ -250,10 +250,9 @@ def import_hf(model_dir: str | Path, cfg: Config) -> int:
     checkpoint directory; returns 0. One process, or every rank of a torchrun / srun launch."""
     import torch.distributed as dist
 
+    from pretrain.hf.stream import PeakRSS
     from pretrain.parallel import env
     from pretrain.train import build, start
-
-    from pretrain.hf.stream import PeakRSS
 
     model_dir = Path(model_dir)
     hf_config = read_hf_config(model_dir)
