@@ -75,7 +75,9 @@ def save(model: SequenceClassifier, record: dict, tokenizer, output: Path) -> No
     output.mkdir(parents=True, exist_ok=True)
     torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
                output / "classifier.pt")
-    shutil.copyfile(tokenizer.model_path, output / "tokenizer.model")
+    target = output / "tokenizer.model"
+    if not (target.exists() and target.samefile(tokenizer.model_path)):  # --output may be the pretraining run
+        shutil.copyfile(tokenizer.model_path, target)
     (output / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"finetune: saved {output / 'classifier.pt'} and {output / 'finetune.json'} (valid accuracy "
           f"{record['valid_accuracy']:.4f})", flush=True)

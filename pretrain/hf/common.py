@@ -1,5 +1,5 @@
-"""Pieces every Hugging Face conversion shares: megatron-core's fused QKV split per key/value group, the tokenizer
-files, the model card, and the reading of our tensors one at a time (:class:`OurTensors`)."""
+"""Pieces every Hugging Face conversion shares: megatron-core's fused QKV split per key/value group, the two rotary
+layouts, the tokenizer files, the model card, and the reading of our tensors one at a time (:class:`OurTensors`)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     grouped = [q.reshape(num_groups, num_heads // num_groups, head_dim, *rest),  # [ng, q/g, d, ...]
                k.reshape(num_groups, 1, head_dim, *rest), v.reshape(num_groups, 1, head_dim, *rest)]
     return torch.cat(grouped, dim=1).reshape(-1, *rest)
+
+
+def halves_to_pairs(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Query or key rows (weight [nh * d, ...] or bias [nh * d]) from megatron-core's rotary layout, which rotates
+    dimension i of a head with i + d/2 (``rotate_half``), to the interleaved one, which rotates 2i with 2i + 1
+    (RoFormer's): row 2i <- row i, row 2i + 1 <- row i + d/2, per head."""
+    rest = rows.shape[1:]
+    return rows.reshape(num_heads, 2, -1, *rest).transpose(1, 2).reshape(-1, *rest)
+
+
+def pairs_to_halves(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of :func:`halves_to_pairs`."""
+    rest = rows.shape[1:]
+    return rows.reshape(num_heads, -1, 2, *rest).transpose(1, 2).reshape(-1, *rest)
 
 
 def write_tokenizer(tokenizer, output: Path, model_max_length: int) -> None:

@@ -1,5 +1,6 @@
-"""``pretrain import hf``: a local Hugging Face model directory (GPT-2, Llama, BERT) as our step-0 checkpoint, at the
-layout the run config asks for, ready for ``pretrain train`` (continued pretraining) or ``pretrain finetune``.
+"""``pretrain import hf``: a local Hugging Face model directory (GPT-2, Llama, BERT, RoFormer) as our step-0
+checkpoint, at the layout the run config asks for, ready for ``pretrain train`` (continued pretraining) or
+``pretrain finetune``.
 
 The config's model section must describe the HF model: every field HF's config.json fixes is compared first, before
 any process group or weight, and the first mismatch is a one-line ConfigError naming our key and HF's. Then the run is
@@ -23,7 +24,7 @@ import torch
 from pretrain.config import Config
 from pretrain.errors import CheckpointError, ConfigError
 from pretrain.hf import bert, llama
-from pretrain.hf.common import merge_qkv
+from pretrain.hf.common import merge_qkv, pairs_to_halves
 from pretrain.hf.gpt2 import GPT2_ACTIVATIONS
 
 
@@ -72,21 +73,27 @@ def expected_fields(cfg: Config, hf: dict[str, Any]) -> list[tuple[str, Any, str
                 ("position_embedding", m.position_embedding, "model_type", "rope"),
                 *llama.rope_scaling_fields(m, hf),
                 ("normalization", m.normalization, "model_type", "rmsnorm")]
-    if kind == "bert":
+    if kind in ("bert", "roformer"):
+        shared = [("family", m.family, "model_type", "bert"),
+                  ("num_layers", m.num_layers, "num_hidden_layers", hf["num_hidden_layers"]),
+                  ("hidden_size", m.hidden_size, "hidden_size", hf["hidden_size"]),
+                  ("num_attention_heads", m.num_attention_heads, "num_attention_heads", hf["num_attention_heads"]),
+                  ("ffn_hidden_size", ffn, "intermediate_size", hf["intermediate_size"]),
+                  ("seq_length", m.seq_length, "max_position_embeddings", hf["max_position_embeddings"]),
+                  ("activation", m.activation, "hidden_act", hf["hidden_act"]),
+                  ("layernorm_epsilon", m.layernorm_epsilon, "layer_norm_eps", hf["layer_norm_eps"]),
+                  ("tie_embeddings", m.tie_embeddings, "tie_word_embeddings", hf.get("tie_word_embeddings", True))]
+        if kind == "roformer":  # BERT with rotary q/k (bert.py): no pooler / NSP head, base 10000, plain embeddings
+            return [*shared, ("position_embedding", m.position_embedding, "model_type", "rope"),
+                    ("nsp", m.nsp, "model_type", False),
+                    ("rope_theta", m.rope_theta, "model_type", bert.ROFORMER_ROPE_THETA),
+                    ("rope_scaling_factor", m.rope_scaling_factor, "model_type", 0.0),
+                    ("hidden_size", m.hidden_size, "embedding_size", hf.get("embedding_size") or hf["hidden_size"])]
         nsp = "BertForMaskedLM" not in hf.get("architectures", ["BertForPreTraining"])
-        return [("family", m.family, "model_type", "bert"),
-                ("num_layers", m.num_layers, "num_hidden_layers", hf["num_hidden_layers"]),
-                ("hidden_size", m.hidden_size, "hidden_size", hf["hidden_size"]),
-                ("num_attention_heads", m.num_attention_heads, "num_attention_heads", hf["num_attention_heads"]),
-                ("ffn_hidden_size", ffn, "intermediate_size", hf["intermediate_size"]),
-                ("seq_length", m.seq_length, "max_position_embeddings", hf["max_position_embeddings"]),
-                ("activation", m.activation, "hidden_act", hf["hidden_act"]),
-                ("layernorm_epsilon", m.layernorm_epsilon, "layer_norm_eps", hf["layer_norm_eps"]),
-                ("tie_embeddings", m.tie_embeddings, "tie_word_embeddings", hf.get("tie_word_embeddings", True)),
-                ("nsp", m.nsp, "architectures", nsp),
+        return [*shared, ("nsp", m.nsp, "architectures", nsp),
                 ("position_embedding", m.position_embedding, "position_embedding_type",
                  {"absolute": "learned_absolute"}.get(hf.get("position_embedding_type", "absolute")))]
-    raise ConfigError(f"model_type={kind!r} in config.json: import supports gpt2, llama and bert")
+    raise ConfigError(f"model_type={kind!r} in config.json: import supports gpt2, llama, bert and roformer")
 
 
 def check_config(cfg: Config, hf: dict[str, Any], model_dir: Path) -> None:
@@ -97,6 +104,8 @@ def check_config(cfg: Config, hf: dict[str, Any], model_dir: Path) -> None:
                               f"{theirs!r}")
     if cfg.model.family == "bert" and hf.get("type_vocab_size", 2) != 2:
         raise ConfigError(f"{model_dir}/config.json: type_vocab_size = {hf['type_vocab_size']}; our BERT has 2")
+    if hf.get("model_type") == "roformer" and hf.get("rotary_value"):
+        raise ConfigError(f"{model_dir}/config.json: rotary_value = true; our BERT rotates queries and keys only")
 
 
 class HFTensors:
@@ -184,30 +193,36 @@ def llama_tensor(hf: HFTensors, name: str, config: dict) -> torch.Tensor:
 
 
 def bert_tensor(hf: HFTensors, name: str, config: dict) -> torch.Tensor:
-    """Our BERT tensor ``name`` from a BertForPreTraining / BertForMaskedLM's tensors (inverse of bert.py)."""
-    heads = config["num_attention_heads"]
-    top = {"embedding.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
-           "embedding.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
-           "embedding.tokentype_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
-           "output_layer.bias": "cls.predictions.bias", "output_layer.weight": "cls.predictions.decoder.weight"}
-    if name in top:
-        return hf.get(top[name])
+    """Our BERT tensor ``name`` from a BertForPreTraining / BertForMaskedLM's tensors, or a RoFormerForMaskedLM's
+    (inverse of bert.py)."""
+    heads, rotary = config["num_attention_heads"], config["model_type"] == "roformer"
+    top = "roformer" if rotary else "bert"
+    names = bert.hf_names(rotary)
+    tops = {"embedding.word_embeddings.weight": f"{top}.embeddings.word_embeddings.weight",
+            "embedding.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+            "embedding.tokentype_embeddings.weight": f"{top}.embeddings.token_type_embeddings.weight",
+            "output_layer.bias": "cls.predictions.bias", "output_layer.weight": "cls.predictions.decoder.weight"}
+    if name in tops:
+        return hf.get(tops[name])
     module, kind = name.rsplit(".", 1)
-    for ours, theirs in {**bert.POST_LN_NAMES, **bert.COPIED_NAMES}.items():
+    for ours, theirs in names.items():
         if "{i}" not in ours and ours == module:
             return hf.get(f"{theirs}.{kind}")
     i, rest = _layer_of(name)
-    for ours, theirs in {**bert.POST_LN_NAMES, **bert.COPIED_NAMES}.items():
+    for ours, theirs in names.items():
         if ours.format(i=i) == module:
             return hf.get(f"{theirs.format(i=i)}.{kind}")
     if rest.startswith("self_attention.linear_qkv."):
-        prefix = f"bert.encoder.layer.{i}.attention.self."
-        return merge_qkv(*(hf.get(f"{prefix}{part}.{kind}") for part in ("query", "key", "value")), heads, heads)
+        prefix = f"{top}.encoder.layer.{i}.attention.self."
+        q, k, v = (hf.get(f"{prefix}{part}.{kind}") for part in ("query", "key", "value"))
+        if rotary:  # RoFormer rotates adjacent pairs of a head, megatron-core its halves
+            q, k = pairs_to_halves(q, heads), pairs_to_halves(k, heads)
+        return merge_qkv(q, k, v, heads, heads)
     raise CheckpointError(f"no Hugging Face BERT tensor for our {name}")
 
 
 CONVERTERS: dict[str, Callable[[HFTensors, str, dict], torch.Tensor]] = {
-    "gpt2": gpt2_tensor, "llama": llama_tensor, "bert": bert_tensor}
+    "gpt2": gpt2_tensor, "llama": llama_tensor, "bert": bert_tensor, "roformer": bert_tensor}
 
 
 def hf_initializer(model_dir: Path, hf_config: dict) -> Callable[[list[torch.nn.Module], int], None]:

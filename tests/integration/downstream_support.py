@@ -1,10 +1,11 @@
-"""Shared by the export and fine-tune tests: one short GPT pretraining run per session, and a labelled dataset
-made from the bundled corpus."""
+"""Shared by the export and fine-tune tests: one short GPT pretraining run per session, labelled datasets made
+from the bundled corpus, and our model against its Hugging Face export."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from tests.conftest import TINY_CONFIG, built_once, data_overrides, run_cli
 
@@ -32,6 +33,14 @@ def pretrained_gpt(shakespeare: dict[str, Path], tmp_path_factory) -> Path:
         return train_gpt(shakespeare, run_dir)
 
 
+def examples_file(tmp_path_factory, name: str, make: Callable[[Path], list[dict]]) -> Path:
+    """``name``.jsonl in a fresh directory: the examples ``make(corpus_dir)`` builds from the bundled corpus."""
+    out = tmp_path_factory.mktemp(name)
+    path = out / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in make(out / "corpus")))
+    return path
+
+
 def which_play_examples(out_dir: Path, plays: tuple[str, ...] = ("Hamlet", "The Tempest"),
                         lines_per_passage: int = 8, per_play: int = 120) -> list[dict]:
     """Passages of ``lines_per_passage`` consecutive non-empty lines from held-out plays (never seen in
@@ -46,6 +55,28 @@ def which_play_examples(out_dir: Path, plays: tuple[str, ...] = ("Hamlet", "The 
         lines = [l for l in play["text"].splitlines() if l.strip()][100:]  # skip title and cast list
         for start in range(0, per_play * lines_per_passage, lines_per_passage):
             examples.append({"text": "\n".join(lines[start:start + lines_per_passage]), "label": play["title"]})
+    return examples
+
+
+def word_order_examples(out_dir: Path, lines_per_passage: int = 4, per_play: int = 200, seed: int = 0) -> list[dict]:
+    """Passages of ``lines_per_passage`` consecutive non-empty lines from each held-out play (never seen in
+    pretraining), whitespace joined to single spaces: every other one as written (label ``original``), the rest
+    with their words shuffled (``shuffled``). Both classes have the same words, so a bag of words is at chance;
+    telling them apart takes what masked-LM pretraining teaches (which word fits where). Seeded, in shuffled order."""
+    import random
+
+    from data_pipeline.corpus import extract_bundled
+
+    rng, examples = random.Random(seed), []
+    for line in extract_bundled(out_dir)["valid"].read_text().splitlines():
+        lines = [l for l in json.loads(line)["text"].splitlines() if l.strip()][100:]  # skip title and cast list
+        starts = range(0, len(lines) - lines_per_passage, lines_per_passage)
+        for k, start in enumerate(list(starts)[:per_play]):
+            words = " ".join(lines[start:start + lines_per_passage]).split()
+            if k % 2:
+                rng.shuffle(words)
+            examples.append({"text": " ".join(words), "label": "shuffled" if k % 2 else "original"})
+    rng.shuffle(examples)
     return examples
 
 

@@ -10,16 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, cli_env, run_cli
-from tests.integration.downstream_support import pretrained_gpt, which_play_examples
+from tests.integration.downstream_support import examples_file, pretrained_gpt, which_play_examples
 
 
 @pytest.fixture(scope="module")
 def plays(tmp_path_factory) -> Path:
     """240 passages of 8 lines, half from Hamlet, half from The Tempest (held-out plays), labelled by title."""
-    out = tmp_path_factory.mktemp("plays")
-    path = out / "plays.jsonl"
-    path.write_text("".join(json.dumps(e) + "\n" for e in which_play_examples(out / "corpus")))
-    return path
+    return examples_file(tmp_path_factory, "plays", which_play_examples)
 
 
 @pytest.mark.slow

@@ -175,11 +175,11 @@ def classification_features(backbone: BertModel, input_ids: torch.Tensor, length
     right-padded, lengths [b] -> [b, h].
 
     Not the pooler on [CLS] (BERT's paper, HF's BertForSequenceClassification): only next-sentence prediction
-    trains that vector, and a short pretraining leaves it nearly the same for every input. Measured on the play
-    classification of tests/integration/test_finetune.py with configs/bert/tiny.yaml pretrained 500 steps: the
-    pooled [CLS] varies 100x less across examples than its size (std 0.001 vs 0.12) and its classifier stays at
-    chance (0.42), while the mean of the token states, which MLM has made informative, reaches 0.70 (0.80 after
-    750 steps; an untrained BERT: 0.43 either way).
+    trains that vector, a BERT pretrained without NSP has none, and a short pretraining leaves it nearly the same
+    for every input. Measured on the play classification of tests/integration/test_finetune.py with
+    configs/bert/tiny.yaml pretrained 500 steps: the pooled [CLS] varies 100x less across examples than its size
+    (std 0.001 vs 0.12) and its classifier stays at chance (0.42), while the mean of the token states, which MLM
+    has made informative, reaches 0.70 (docs/downstream.md, "Fine-tuning", has the whole story).
     """
     s = input_ids.shape[1]
     real = (torch.arange(s, device=input_ids.device)[None] < lengths[:, None]).long()  # [b, s], 1 = real token
