@@ -1,7 +1,8 @@
 """BERT fine-tuning learns what pretraining taught. A classifier on a pretrained BERT (configs/bert/roformer_tiny.yaml,
 600 steps) tells held-out passages as written from the same words shuffled far above chance and far above the same
 classifier on the untrained BERT; so does that BERT after a round trip through Hugging Face (exported as
-RoFormerForMaskedLM, whose logits equal ours, and imported at TP=2). Why the rotary BERT: docs/downstream.md."""
+RoFormerForMaskedLM, whose logits equal ours; loaded and saved by transformers; imported from that directory at
+TP=2). Why the rotary BERT: docs/downstream.md."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from tests.conftest import REPO, data_overrides, run_cli
 from tests.integration.downstream_support import examples_file, word_order_examples
 from tests.integration.test_export_hf import REL_TOL, compare, corpus  # noqa: F401 - corpus: a fixture
+from tests.integration.test_import_hf import save_hf
 
 ROFORMER = REPO / "configs" / "bert" / "roformer_tiny.yaml"
 FINETUNE = ("--lr", "1e-3", "--epochs", "6", "--max-length", "64", "--valid-fraction", "0.25")
@@ -71,19 +73,25 @@ def test_pretrained_bert_classifier_beats_chance_and_the_untrained_bert(accuraci
 @pytest.mark.slow
 def test_bert_through_hugging_face_keeps_its_logits_and_fine_tunes_alike(shakespeare, pretrained, word_order,
                                                                          accuracies, corpus, tmp_path):
+    import transformers
+
     exported = tmp_path / "hf"
     result = run_cli("export", "hf", "--checkpoint", str(pretrained), "--output", str(exported))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["RoFormerForMaskedLM"]
     theirs = compare(pretrained, exported, corpus)  # transformers' RoFormerForMaskedLM on the export
     assert theirs["logits_rel_err"] <= REL_TOL and theirs["tokenizer_equal"], theirs
+    # The directory imported is the one transformers itself writes for that model: the same bytes as the export.
+    saved = save_hf(transformers.RoFormerForMaskedLM.from_pretrained(exported), shakespeare["tokenizer"],
+                    tmp_path / "saved_by_transformers")
+    assert (saved / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
 
     run_dir = tmp_path / "imported"
-    result = run_cli("import", "hf", "--model", str(exported), "--config", str(ROFORMER), "--output",
+    result = run_cli("import", "hf", "--model", str(saved), "--config", str(ROFORMER), "--output",
                      str(run_dir / "checkpoints"), "--parallel.tensor=2", *data_overrides(shakespeare, run_dir),
                      torchrun_nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    imported = compare(run_dir, exported, corpus)  # the two TP shards joined, against transformers
+    imported = compare(run_dir, saved, corpus)  # the two TP shards joined, against transformers
     assert imported["logits_rel_err"] <= REL_TOL, imported
     again = tmp_path / "hf_again"
     assert run_cli("export", "hf", "--checkpoint", str(run_dir), "--output", str(again)).returncode == 0
