@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export a checkpoint to another format").add_subparsers(
         dest="export_format", required=True)
     p = export.add_parser("hf", help="Hugging Face directory: GPT -> GPT2LMHeadModel (LlamaForCausalLM with rotary "
-                          "positions), BERT -> BertForPreTraining",
+                          "positions), BERT -> BertForPreTraining (RoFormerForMaskedLM with rotary positions)",
                           description="Writes config.json, model.safetensors, tokenizer.model (+ a sentencepiece "
                                       "LlamaTokenizer config) and README.md; loads with transformers' "
                                       "from_pretrained. Refuses models the HF class cannot express.")
@@ -41,12 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export_hf, builds_models=True)
     imp = sub.add_parser("import", help="import a model from another format").add_subparsers(
         dest="import_format", required=True)
-    p = imp.add_parser("hf", help="Hugging Face directory (GPT-2, Llama, BERT) -> step_0 checkpoint at the config's "
-                                  "layout", description="The config's model section must match the HF config.json "
-                                  "(one-line error naming the first mismatch). Run like `pretrain train`: one process "
-                                  "or under torchrun/srun with the config's world size. Then `pretrain train CFG` "
-                                  "with checkpoint.dir (or run.dir/checkpoints) = OUTPUT continues from step 0. "
-                                  "Overrides: --section.key=value.")
+    p = imp.add_parser("hf", help="Hugging Face directory (GPT-2, Llama, BERT, RoFormer) -> step_0 checkpoint at "
+                                  "the config's layout",
+                       description="The config's model section must match the HF config.json (one-line error naming "
+                                   "the first mismatch). Run like `pretrain train`: one process or under torchrun/srun "
+                                   "with the config's world size. Then `pretrain train CFG` with checkpoint.dir (or "
+                                   "run.dir/checkpoints) = OUTPUT continues from step 0. "
+                                   "Overrides: --section.key=value.")
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--config", required=True, help="run config (YAML) whose model section describes the HF model")
     p.add_argument("--output", required=True, help="checkpoint directory, e.g. RUN/checkpoints (step_0 goes in it)")

@@ -1,7 +1,8 @@
 """``pretrain export hf``: a checkpoint as a Hugging Face model directory.
 
 The checkpoint's family names its conversion in its ModelSpec (``hf_export``): GPT becomes ``GPT2LMHeadModel``
-(gpt2.py), or ``LlamaForCausalLM`` when it has rotary positions (llama.py), BERT ``BertForPreTraining`` (bert.py).
+(gpt2.py), or ``LlamaForCausalLM`` when it has rotary positions (llama.py), BERT ``BertForPreTraining``, or
+``RoFormerForMaskedLM`` when it has rotary positions (bert.py).
 The directory holds config.json, generation_config.json (decoders), the weights (model.safetensors, or shards of at
 most ``max_shard_bytes`` with model.safetensors.index.json, as transformers' save_pretrained writes them), the
 tokenizer (the sentencepiece ``tokenizer.model`` plus a slow ``LlamaTokenizer`` config, which encodes with the same
