@@ -20,8 +20,8 @@ from tests.integration.test_import_hf import save_hf
 ROFORMER = REPO / "configs" / "bert" / "roformer_tiny.yaml"
 FINETUNE = ("--lr", "1e-3", "--epochs", "6", "--max-length", "64", "--valid-fraction", "0.25")
 VALID = 150  # a quarter of the 600 passages
-# A classifier that guesses right half the time gets 113 of 150 with probability < 1e-9.
-CLEARLY_ABOVE_CHANCE = 0.75
+# A classifier that guesses right half the time gets 105 of 150 with probability < 1e-6.
+CLEARLY_ABOVE_CHANCE = 0.70
 # Measured with --seed 1234 / 1 / 2 / 3: pretrained 0.81 / 0.84 / 0.93 / 0.89, untrained 0.48 / 0.49 / 0.48 / 0.55.
 ABOVE_UNTRAINED = 0.20
 
