@@ -85,7 +85,7 @@ def expected_fields(cfg: Config, hf: dict[str, Any]) -> list[tuple[str, Any, str
                   ("tie_embeddings", m.tie_embeddings, "tie_word_embeddings", hf.get("tie_word_embeddings", True))]
         if kind == "roformer":  # BERT with rotary q/k (bert.py): no pooler / NSP head, base 10000, plain embeddings
             return [*shared, ("position_embedding", m.position_embedding, "model_type", "rope"),
-                    ("nsp", m.nsp, "model_type", False),
+                    ("nsp", m.nsp, "architectures", False),  # RoFormerForMaskedLM: no NSP head
                     ("rope_theta", m.rope_theta, "model_type", bert.ROFORMER_ROPE_THETA),
                     ("rope_scaling_factor", m.rope_scaling_factor, "model_type", 0.0),
                     ("hidden_size", m.hidden_size, "embedding_size", hf.get("embedding_size") or hf["hidden_size"])]

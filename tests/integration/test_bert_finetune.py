@@ -147,3 +147,24 @@ def test_a_rotary_bert_roformer_cannot_express_is_refused_before_loading(shakesp
     with pytest.raises(ConfigError) as info:
         bert.check(cfg)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("override, hf_change, message", [
+    ("--model.position_embedding=learned_absolute", {}, "model.position_embedding: 'learned_absolute' in the config, "
+                                                        "but {dir}/config.json has model_type = 'rope'"),
+    ("--model.nsp=true", {}, "model.nsp: True in the config, but {dir}/config.json has architectures = False"),
+    ("--model.seq_length=128", {"rotary_value": True},
+     "{dir}/config.json: rotary_value = true; our BERT rotates queries and keys only"),
+])
+def test_import_checks_a_roformer_config_in_one_line(shakespeare, tmp_path, override, hf_change, message):
+    from pretrain.config import load
+    from pretrain.errors import ConfigError
+    from pretrain.hf.hf_import import check_config
+
+    hf = {"model_type": "roformer", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+          "intermediate_size": 512, "max_position_embeddings": 128, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+          "embedding_size": 128, "rotary_value": False, **hf_change}
+    cfg = load(ROFORMER, [*data_overrides(shakespeare, tmp_path / "run"), override])
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, hf, tmp_path)
+    assert str(info.value) == message.format(dir=tmp_path)
