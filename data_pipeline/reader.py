@@ -389,12 +389,19 @@ class _WorkerStream:
 
 def _worker_loader(reader: ShardReader, start: dict) -> Iterator:
     """This rank's micro-batches from `start`, built by `reader.num_workers` DataLoader workers, in order."""
+    import multiprocessing
+
     import torch.utils.data  # optional dependency: only needed when num_workers > 0
 
     # wds.DataPipeline is a torch IterableDataset, so DataLoader gives each worker its own copy of the stream.
     # batch_size=None + identity collate: workers already build whole micro-batches, and numpy stays numpy.
     # In-order delivery of round-robin tasks makes worker w's i-th item this rank's micro-batch group w + i*W.
+    # Workers come from multiprocessing's fork server, not a fork of this process: a trainer holds threads (watchdog,
+    # checkpoint writer, metrics server, NCCL, tqdm's monitor), and a fork copies whatever lock or state they held
+    # at that instant (a worker forked beside tqdm's monitor thread died of SIGSEGV in the test suite). The server
+    # imports this module once, so a worker starts in ~0.1 s, not the ~2 s of a fresh interpreter.
+    multiprocessing.set_forkserver_preload(["data_pipeline.reader"])
     loader = torch.utils.data.DataLoader(wds.DataPipeline(_WorkerStream(reader, start)), batch_size=None,
                                          num_workers=reader.num_workers, collate_fn=_identity,
-                                         persistent_workers=False)
+                                         persistent_workers=False, multiprocessing_context="forkserver")
     return iter(loader)

@@ -130,7 +130,8 @@ class DataConfig:
     valid: str = ""
     #: sentencepiece model; must match the manifests' tokenizer checksum. Empty skips the check.
     tokenizer: str = ""
-    #: DataLoader worker processes per rank (0 reads in the training process).
+    #: DataLoader worker processes per rank (0 reads in the training process). Started from multiprocessing's
+    #: fork server, never forked from the training process and its threads.
     num_workers: int = 0
     #: Shuffle shard and sequence order (seeded by run.seed and the epoch).
     shuffle: bool = True

@@ -3,6 +3,7 @@ Bad input (corrupt, truncated, missing shards; checksum and tokenizer mismatches
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -173,6 +174,20 @@ def test_workers_give_the_same_stream_and_positions(tiny, others, item_rows, mon
     resumed.load_state_dict(r0.state_dict())
     more = list(itertools.islice(iter(resumed), 7))
     assert all(np.array_equal(x, y) for x, y in zip(more, list(itertools.islice(iter(r0), 7))))
+
+
+def test_workers_are_not_forked_from_the_reading_process(tiny):
+    """DataLoader workers come from the fork server (reader.py _worker_loader): forking a process that holds
+    threads copies their locks mid-use. os.register_at_fork's hook runs on every fork of this process."""
+    watching, forks = [True], []
+    os.register_at_fork(before=lambda: forks.append(1) if watching[0] else None)  # cannot be unregistered
+    try:
+        got = list(itertools.islice(iter(reader(tiny["shards"], num_workers=2, global_batch_size=GB)), 6))
+    finally:
+        watching[0] = False
+    expected = list(itertools.islice(iter(reader(tiny["shards"], global_batch_size=GB)), 6))
+    assert all(np.array_equal(x, y) for x, y in zip(got, expected)) and len(got) == 6
+    assert forks == []
 
 
 def test_validation_reader_fixed_order_and_restartable(tiny):
