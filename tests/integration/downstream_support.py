@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tests.conftest import TINY_CONFIG, built_once, data_overrides, run_cli
 
@@ -41,35 +41,38 @@ def examples_file(tmp_path_factory, name: str, make: Callable[[Path], list[dict]
     return path
 
 
-def which_play_examples(out_dir: Path, plays: tuple[str, ...] = ("Hamlet", "The Tempest"),
-                        lines_per_passage: int = 8, per_play: int = 120) -> list[dict]:
-    """Passages of ``lines_per_passage`` consecutive non-empty lines from held-out plays (never seen in
-    pretraining), labelled with the play's title: speakers, names and spelling tell them apart."""
+def held_out_plays(out_dir: Path) -> Iterator[tuple[str, list[str]]]:
+    """(title, non-empty lines after the title and cast list) of each held-out play of the bundled corpus (never
+    seen in pretraining)."""
     from data_pipeline.corpus import extract_bundled
 
-    examples = []
     for line in extract_bundled(out_dir)["valid"].read_text().splitlines():
         play = json.loads(line)
-        if play["title"] not in plays:
+        yield play["title"], [l for l in play["text"].splitlines() if l.strip()][100:]
+
+
+def which_play_examples(out_dir: Path, plays: tuple[str, ...] = ("Hamlet", "The Tempest"),
+                        lines_per_passage: int = 8, per_play: int = 120) -> list[dict]:
+    """Passages of ``lines_per_passage`` consecutive non-empty lines from held-out plays, labelled with the play's
+    title: speakers, names and spelling tell them apart."""
+    examples = []
+    for title, lines in held_out_plays(out_dir):
+        if title not in plays:
             continue
-        lines = [l for l in play["text"].splitlines() if l.strip()][100:]  # skip title and cast list
         for start in range(0, per_play * lines_per_passage, lines_per_passage):
-            examples.append({"text": "\n".join(lines[start:start + lines_per_passage]), "label": play["title"]})
+            examples.append({"text": "\n".join(lines[start:start + lines_per_passage]), "label": title})
     return examples
 
 
 def word_order_examples(out_dir: Path, lines_per_passage: int = 4, per_play: int = 200, seed: int = 0) -> list[dict]:
-    """Passages of ``lines_per_passage`` consecutive non-empty lines from each held-out play (never seen in
-    pretraining), whitespace joined to single spaces: every other one as written (label ``original``), the rest
-    with their words shuffled (``shuffled``). Both classes have the same words, so a bag of words is at chance;
-    telling them apart takes what masked-LM pretraining teaches (which word fits where). Seeded, in shuffled order."""
+    """Passages of ``lines_per_passage`` consecutive non-empty lines from each held-out play, whitespace joined to
+    single spaces: every other one as written (label ``original``), the rest with their words shuffled
+    (``shuffled``). Both classes have the same words, so a bag of words is at chance; telling them apart takes
+    what masked-LM pretraining teaches (which word fits where). Seeded, in shuffled order."""
     import random
 
-    from data_pipeline.corpus import extract_bundled
-
     rng, examples = random.Random(seed), []
-    for line in extract_bundled(out_dir)["valid"].read_text().splitlines():
-        lines = [l for l in json.loads(line)["text"].splitlines() if l.strip()][100:]  # skip title and cast list
+    for _, lines in held_out_plays(out_dir):
         starts = range(0, len(lines) - lines_per_passage, lines_per_passage)
         for k, start in enumerate(list(starts)[:per_play]):
             words = " ".join(lines[start:start + lines_per_passage]).split()
