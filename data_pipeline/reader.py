@@ -24,7 +24,8 @@ Reading: one daemon thread per source (`read_ahead=True`, `tario.ReadAhead`) rea
 them, 1st use) up to two chunks ahead while the caller's thread shuffles and widens rows; it follows the same
 block order, so rows and positions are identical without it, and it stops with the iterator.
 
-DataLoader workers (num_workers > 0) split by groups of micro-batches (WORKER_ITEM_ROWS rows): worker w builds
+DataLoader workers (num_workers > 0; data_pipeline/workers.py) split by groups of micro-batches
+(WORKER_ITEM_ROWS rows): worker w builds
 this rank's groups w, w + W, ... (reading only its own rows with owned_rows, else the whole stream), and the
 DataLoader's in-order round-robin returns them in stream order, so the stream is identical for every
 num_workers. Workers overlap reading with training (reading whole shards, they add no read throughput: each
@@ -38,20 +39,15 @@ import warnings
 from typing import Iterator
 
 import numpy as np
-import webdataset as wds
 
 from data_pipeline.blocks import BlockSource
 from data_pipeline.errors import DataError
 from data_pipeline.sampler import Exhausted, SourceCursor, SourcePlan, blend, check_batch_sizes, rank_slice
 from data_pipeline.shards import DTYPES
 from data_pipeline.stream import load_manifest, resolve_source  # noqa: F401  (load_manifest: re-exported)
+from data_pipeline.workers import ERROR_TAG, worker_loader
 
 STATE_VERSION = 2
-# Rows per DataLoader item: a worker ships whole groups of micro-batches, because the loader's per-item cost
-# (~100 µs) would otherwise cap it at ~10k items/s; 256 rows x 2049 tokens = 1 MB of uint16 per item.
-WORKER_ITEM_ROWS = 256
-_ERROR_TAG = "__data_error__"  # worker -> main process: a DataError message, re-raised as one line
-_BYTES_TAG = "__bytes_read__"  # worker -> main process: (tag, bytes read since its last item, the items)
 
 
 class ShardReader:
@@ -294,14 +290,14 @@ class ShardReader:
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield micro-batches from the current position (see the class docstring for loop=False)."""
         source = (self._produce(dict(self._state)) if self.num_workers == 0
-                  else _worker_loader(self, dict(self._state)))
+                  else worker_loader(self, dict(self._state)))
         dtype = self.dtype
         try:
             for items in source:
                 if isinstance(items, tuple):
-                    if items[0] == _ERROR_TAG:
+                    if items[0] == ERROR_TAG:
                         raise DataError(items[1])
-                    self._worker_bytes += items[1]  # (_BYTES_TAG, bytes read since the last item, items)
+                    self._worker_bytes += items[1]  # (BYTES_TAG, bytes read since the last item, items)
                     items = items[2]
                 # The lean loop: per-micro-batch work is what limits small micro-batches.
                 for _, batch, self._first_index, state, messages in items:
@@ -343,65 +339,3 @@ def _split(parts: list[np.ndarray], rows: int) -> list[np.ndarray]:
                 batches.append(out)
                 out, filled = None, 0
     return batches
-
-
-def _identity(x):
-    return x
-
-
-class _WorkerStream:
-    """The micro-batch groups of one DataLoader worker, as a picklable callable (a webdataset pipeline source)."""
-
-    def __init__(self, reader: ShardReader, start: dict):
-        self.reader, self.start = reader, start
-
-    def __call__(self) -> Iterator:
-        import torch.utils.data
-
-        info, r = torch.utils.data.get_worker_info(), self.reader
-        group = max(1, WORKER_ITEM_ROWS // r.micro_batch_size)
-        # Ships the shards' own dtype (uint16: 4x less to pickle through the pipe); the main process widens.
-        items: list[tuple] = []
-        reported = r.bytes_read
-
-        def shipped(items: list) -> tuple:  # the items with the bytes read for them (and since the last ones)
-            nonlocal reported
-            now = r.bytes_read
-            delta, reported = now - reported, now
-            return _BYTES_TAG, delta, items
-
-        try:
-            for batch_items in r._produce(self.start, info.id, info.num_workers, group):
-                for item in batch_items:
-                    if items and item[0] // group != items[0][0] // group:
-                        yield shipped(items)
-                        items = []
-                    items.append(item)
-        except DataError as exc:
-            # Torch would re-raise in the main process with a multi-line traceback; send the one line instead.
-            if items:  # the micro-batches before the error come first, as they do without workers
-                yield shipped(items)
-            yield (_ERROR_TAG, str(exc))
-            return
-        if items:
-            yield shipped(items)
-
-
-def _worker_loader(reader: ShardReader, start: dict) -> Iterator:
-    """This rank's micro-batches from `start`, built by `reader.num_workers` DataLoader workers, in order."""
-    import multiprocessing
-
-    import torch.utils.data  # optional dependency: only needed when num_workers > 0
-
-    # wds.DataPipeline is a torch IterableDataset, so DataLoader gives each worker its own copy of the stream.
-    # batch_size=None + identity collate: workers already build whole micro-batches, and numpy stays numpy.
-    # In-order delivery of round-robin tasks makes worker w's i-th item this rank's micro-batch group w + i*W.
-    # Workers come from multiprocessing's fork server, not a fork of this process: a trainer holds threads (watchdog,
-    # checkpoint writer, metrics server, NCCL, tqdm's monitor), and a fork copies whatever lock or state they held
-    # at that instant (a worker forked beside tqdm's monitor thread died of SIGSEGV in the test suite). The server
-    # imports this module once, so a worker starts in ~0.1 s, not the ~2 s of a fresh interpreter.
-    multiprocessing.set_forkserver_preload(["data_pipeline.reader"])
-    loader = torch.utils.data.DataLoader(wds.DataPipeline(_WorkerStream(reader, start)), batch_size=None,
-                                         num_workers=reader.num_workers, collate_fn=_identity,
-                                         persistent_workers=False, multiprocessing_context="forkserver")
-    return iter(loader)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataError
-from data_pipeline.reader import WORKER_ITEM_ROWS
+from data_pipeline.workers import WORKER_ITEM_ROWS
 from tests.unit.reader_support import (GB, damage_sha, manifest_rows, one_line, others, ranks, reader,  # noqa: F401
                                        shards, steps, tiny)
 

@@ -159,9 +159,9 @@ def test_brace_pattern_and_pipe_urls_read_the_same_rows(tiny, shards):
 
 @pytest.mark.parametrize("item_rows", [1, 256])  # 1: worker items alternate per micro-batch
 def test_workers_give_the_same_stream_and_positions(tiny, others, item_rows, monkeypatch):
-    import data_pipeline.reader as reader_module
+    import data_pipeline.workers as workers_module
 
-    monkeypatch.setattr(reader_module, "WORKER_ITEM_ROWS", item_rows)
+    monkeypatch.setattr(workers_module, "WORKER_ITEM_ROWS", item_rows)
     src = blended(tiny, others)
     kw = dict(micro_batch_size=1, global_batch_size=6, dp_rank=1, dp_size=2, seed=2)  # 3 micro-batches a step
     r0, r2 = reader(src, **kw), reader(src, num_workers=2, **kw)
@@ -177,7 +177,7 @@ def test_workers_give_the_same_stream_and_positions(tiny, others, item_rows, mon
 
 
 def test_workers_are_not_forked_from_the_reading_process(tiny):
-    """DataLoader workers come from the fork server (reader.py _worker_loader): forking a process that holds
+    """DataLoader workers come from the fork server (workers.py worker_loader): forking a process that holds
     threads copies their locks mid-use. os.register_at_fork's hook runs on every fork of this process."""
     watching, forks = [True], []
     os.register_at_fork(before=lambda: forks.append(1) if watching[0] else None)  # cannot be unregistered
